@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both create .venv here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest
+# 2 cores: let XLA and torch use both, not oversubscribe.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test test-slow test-all bench clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU torch first and pinned: any other spec would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cairl fetch-model smollm2-135m-instruct
+	$(BIN)/cairl generate --model smollm2-135m-instruct --prompt "How do I bake a chocolate cake?" --max-new-tokens 96
+
+# The fast default suite: tiny models, 8 fake CPU devices.
+test: $(STAMP)
+	$(PYTEST) -m "not slow and not real_model and not ray and not multiprocess" -q
+
+# Real model, Ray clusters, several JAX processes: CI runs these too.
+test-slow: $(STAMP)
+	$(PYTEST) -m "slow or real_model or ray or multiprocess" -q
+
+test-all: $(STAMP)
+	$(PYTEST) -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,179 @@
+"""Model shapes and numerics, validated on construction, with presets for known models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models.errors import UserError
+from typing import Literal
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelConfigError(UserError, ValueError):
+    """A model configuration that cannot describe a working model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0 or self.low_freq_factor <= 0:
+            raise ModelConfigError(f"rope scaling factors must be positive, got {self}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ModelConfigError(
+                f"rope scaling needs high_freq_factor > low_freq_factor, got {self}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    dtype: DType = "float32"  # compute dtype of activations and matmuls
+    param_dtype: DType = "float32"  # master copy of the weights
+    remat: bool = False  # recompute each block's activations in the backward pass
+
+    def __post_init__(self):
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ModelConfigError(
+                f"model config: hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_heads ({self.num_heads}); set head_dim explicitly"
+            )
+        if self.resolved_head_dim % 2:
+            raise ModelConfigError(f"model config: head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ModelConfigError(
+                    f"model config: {name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}"
+                )
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ModelConfigError("model config: rope_theta and rms_norm_eps must be positive")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        hd = self.resolved_head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        block = attn + 3 * d * f + 2 * d
+        lm_head = 0 if self.tie_embeddings else v * d
+        return v * d + self.num_layers * block + d + lm_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelConfigError(f"model config: unknown keys {unknown}; expected some of {sorted(known)}")
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        return cls(**data)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests: every code path (GQA, tied embeddings, RoPE) at a size that compiles in seconds.
+    "tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+        max_position_embeddings=512,
+    ),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        tie_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "llama-3-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ModelConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

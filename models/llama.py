@@ -1,0 +1,244 @@
+"""Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
+
+Every parameter carries `logical_axes` metadata (see models/sharding.py); activations are pinned with
+the same vocabulary when the model is given a mesh. One attention code path serves training (no
+cache), prefill and decode (a preallocated KV cache written at `cache_index`).
+
+Tensor names end in their shape: B batch, T new tokens, S key/cache slots, D embed, N query heads,
+K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.rope import apply_rope, inverse_frequencies
+from models.sharding import MeshRules, constrain
+
+
+class LayerCache(NamedTuple):
+    k_BxSxKxH: jax.Array
+    v_BxSxKxH: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer plus which slots hold real tokens."""
+
+    layers: tuple[LayerCache, ...]
+    valid_BxS: jax.Array  # bool: slot holds a real (non-padding) token
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+        dtype = dtype or jnp.dtype(config.dtype)
+        shape = (batch, slots, config.num_kv_heads, config.resolved_head_dim)
+        layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+        return cls(layers, jnp.zeros((batch, slots), jnp.bool_))
+
+
+def _param(init, rngs: nnx.Rngs, shape, dtype, logical_axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
+
+
+_normal = jax.nn.initializers.normal(0.02)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.dtype = jnp.dtype(config.dtype)
+        self.scale = _param(jax.nn.initializers.ones, rngs, (config.hidden_size,), config.param_dtype, ("embed",))
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        # Normalise in fp32 whatever the compute dtype: bf16 sums of squares lose too much.
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * x.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, mesh_rules: MeshRules | None = None):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+        pd = config.param_dtype
+        self.q_DxNxH = _param(_normal, rngs, (d, n, h), pd, ("embed", "heads", "head_dim"))
+        self.k_DxKxH = _param(_normal, rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        self.v_DxKxH = _param(_normal, rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        self.o_NxHxD = _param(_normal, rngs, (n, h, d), pd, ("heads", "head_dim", "embed"))
+        # A tuple, not an array: module attributes that are not Variables must be hashable (static).
+        self.inv_freq = tuple(inverse_frequencies(h, config.rope_theta, config.rope_scaling).tolist())
+        self.dtype = jnp.dtype(config.dtype)
+        self.mesh_rules = mesh_rules
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        key_valid_BxS: jax.Array,
+        cache: LayerCache | None,
+        cache_index: jax.Array | int,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        dt = self.dtype
+        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q_DxNxH[...].astype(dt))
+        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k_DxKxH[...].astype(dt))
+        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v_DxKxH[...].astype(dt))
+        q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
+
+        num_new = x_BxTxD.shape[1]
+        if cache is None:
+            k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+            query_slots_T = jnp.arange(num_new)
+        else:
+            start = (0, cache_index, 0, 0)
+            k_BxSxKxH = jax.lax.dynamic_update_slice(cache.k_BxSxKxH, k_BxTxKxH.astype(cache.k_BxSxKxH.dtype), start)
+            v_BxSxKxH = jax.lax.dynamic_update_slice(cache.v_BxSxKxH, v_BxTxKxH.astype(cache.v_BxSxKxH.dtype), start)
+            new_cache = LayerCache(k_BxSxKxH, v_BxSxKxH)
+            query_slots_T = cache_index + jnp.arange(num_new)
+        key_slots_S = jnp.arange(k_BxSxKxH.shape[1])
+        causal_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
+        mask_Bx1xTxS = (causal_TxS[None] & key_valid_BxS[:, None, :])[:, None]
+
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_Bx1xTxS
+        )
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_NxHxD[...].astype(dt))
+        return out_BxTxD, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x W_gate) * (x W_up))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, mesh_rules: MeshRules | None = None):
+        d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
+        self.gate_DxF = _param(_normal, rngs, (d, f), pd, ("embed", "mlp"))
+        self.up_DxF = _param(_normal, rngs, (d, f), pd, ("embed", "mlp"))
+        self.down_FxD = _param(_normal, rngs, (f, d), pd, ("mlp", "embed"))
+        self.dtype = jnp.dtype(config.dtype)
+        self.mesh_rules = mesh_rules
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_DxF[...].astype(dt))
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_DxF[...].astype(dt))
+        hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.mesh_rules)
+        return jnp.einsum("btf,fd->btd", hidden_BxTxF, self.down_FxD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, mesh_rules: MeshRules | None = None):
+        self.attn_norm = RMSNorm(config, rngs)
+        self.attn = Attention(config, rngs, mesh_rules)
+        self.mlp_norm = RMSNorm(config, rngs)
+        self.mlp = MLP(config, rngs, mesh_rules)
+        self.mesh_rules = mesh_rules
+
+    def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, cache, cache_index):
+        attn_out, new_cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, key_valid_BxS, cache, cache_index)
+        x_BxTxD = x_BxTxD + attn_out
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "length", "embed"), self.mesh_rules), new_cache
+
+
+@nnx.remat
+def _rematerialised_block(block: Block, x_BxTxD, positions_BxT, key_valid_BxS):
+    """Training-time block whose activations are recomputed in the backward pass (saves memory)."""
+    return block(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0]
+
+
+def default_positions(mask_BxT: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row (left padding takes no positions)."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Llama(nnx.Module):
+    """Decoder-only language model. `__call__` returns fp32 logits; `hidden` the final normed states."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, mesh_rules: MeshRules | None = None):
+        self.config = config
+        self.mesh_rules = mesh_rules
+        self.embed_VxD = _param(_normal, rngs, (config.vocab_size, config.hidden_size), config.param_dtype, ("vocab", "embed"))
+        self.blocks = nnx.List([Block(config, rngs, mesh_rules) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config, rngs)
+        if not config.tie_embeddings:
+            self.lm_head_DxV = _param(_normal, rngs, (config.hidden_size, config.vocab_size), config.param_dtype, ("embed", "vocab"))
+
+    def hidden(
+        self,
+        tokens_BxT: jax.Array,
+        mask_BxT: jax.Array | None = None,
+        positions_BxT: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        if mask_BxT is None:
+            mask_BxT = jnp.ones(tokens_BxT.shape, jnp.bool_)
+        mask_BxT = mask_BxT.astype(jnp.bool_)
+        if positions_BxT is None:
+            positions_BxT = default_positions(mask_BxT)
+        if cache is None:
+            key_valid_BxS = mask_BxT
+        else:
+            key_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, cache_index))
+
+        dt = jnp.dtype(self.config.dtype)
+        x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
+        x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"), self.mesh_rules)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.config.remat and cache is None:
+                x_BxTxD = _rematerialised_block(block, x_BxTxD, positions_BxT, key_valid_BxS)
+            else:
+                x_BxTxD, layer_cache = block(x_BxTxD, positions_BxT, key_valid_BxS, layer_cache, cache_index)
+            new_layers.append(layer_cache)
+        new_cache = None if cache is None else KVCache(tuple(new_layers), key_valid_BxS)
+        return self.final_norm(x_BxTxD), new_cache
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.config.dtype)
+        if self.config.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_VxD[...].astype(dt))
+        else:
+            logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head_DxV[...].astype(dt))
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"), self.mesh_rules)
+
+    def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None) -> jax.Array:
+        hidden_BxTxD, _ = self.hidden(tokens_BxT, mask_BxT, positions_BxT)
+        return self.logits(hidden_BxTxD)
+
+    def decode(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache, cache_index) -> tuple[jax.Array, KVCache]:
+        """Run new tokens against (and into) the KV cache; returns their logits and the updated cache."""
+        hidden_BxTxD, new_cache = self.hidden(tokens_BxT, mask_BxT, positions_BxT, cache, cache_index)
+        return self.logits(hidden_BxTxD), new_cache
+
+
+class ScalarModel(nnx.Module):
+    """A decoder with a scalar head on its final hidden states: the value model and the preference model.
+
+    The backbone keeps the LM's parameter layout so it can start from any causal-LM checkpoint.
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, mesh_rules: MeshRules | None = None):
+        self.backbone = Llama(config, rngs, mesh_rules)
+        self.head_D = _param(jax.nn.initializers.zeros, rngs, (config.hidden_size,), config.param_dtype, ("embed",))
+        self.head_bias = _param(jax.nn.initializers.zeros, rngs, (), config.param_dtype, ())
+
+    def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None) -> jax.Array:
+        """Scalar per position, fp32, shape [B, T]."""
+        hidden_BxTxD, _ = self.backbone.hidden(tokens_BxT, mask_BxT, positions_BxT)
+        values = jnp.einsum("btd,d->bt", hidden_BxTxD.astype(jnp.float32), self.head_D[...].astype(jnp.float32))
+        return values + self.head_bias[...].astype(jnp.float32)
+
+
+def logical_axes_tree(model: nnx.Module):
+    """State of `model` with each parameter replaced by its tuple of logical axis names."""
+    return jax.tree.map(
+        lambda v: v.get_metadata()["logical_axes"],
+        nnx.state(model, nnx.Param),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+

@@ -1,0 +1,21 @@
+"""Test session set-up: 8 fake CPU devices, so every sharding path runs without accelerators.
+
+XLA_FLAGS must be set before JAX is imported anywhere, hence at the very top of conftest.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    devices = jax.devices()
+    assert len(devices) == 8, f"tests expect 8 fake CPU devices, got {len(devices)}"
+    return devices

@@ -1,0 +1,1 @@
+"""cairl trainer: configs, meshes, losses, steps, checkpoints, the constitutional pipeline and the CLI."""
