@@ -1,0 +1,1 @@
+"""Benchmarks behind `cairl bench`; side-by-side comparisons live in benchmarks/."""
