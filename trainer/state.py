@@ -1,0 +1,147 @@
+"""Train state created directly in its sharded layout, and the guarded optimizer update.
+
+A `TrainState` is a pytree: parameters (an `nnx.State` of `nnx.Param`), the optax state, the
+update counter, an RNG key (raw uint32[2], so Orbax stores it like any array) and the count of
+consecutive skipped (non-finite) updates. The model's graph definition and the optax
+transformation ride along as static fields: they are code, not data, and are never checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.errors import UserError
+from models.sharding import MeshRules
+from trainer.optim import OptimizerConfig, make_optimizer
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+@struct.dataclass
+class TrainState:
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # int32: train-step calls so far (skipped updates included)
+    rng: jax.Array  # uint32[2] raw key: minibatch shuffles and anything else random in a step
+    nonfinite_streak: jax.Array  # int32: consecutive skipped updates, reset by a good one
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    grad_accum_steps: int = struct.field(pytree_node=False, default=1)  # micro-batches per update
+
+    def model(self, params: nnx.State | None = None) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(tree, mesh_rules: MeshRules):
+    """NamedSharding for every leaf of a state tree: nnx Variables with `logical_axes` metadata
+    (parameters and the optimizer moments that mirror them) by the rules, everything else replicated."""
+    replicated = NamedSharding(mesh_rules.mesh, PartitionSpec())
+
+    def sharding_of(leaf):
+        if _is_variable(leaf):
+            axes = leaf.get_metadata().get("logical_axes")
+            return replicated if axes is None else mesh_rules.param_sharding(axes)
+        return replicated
+
+    return jax.tree.map(sharding_of, tree, is_leaf=_is_variable)
+
+
+def _init_state(model_factory, tx, seed: int, grad_accum_steps: int) -> TrainState:
+    params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    model = model_factory(nnx.Rngs(params=params_key))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("create_train_state: the model holds non-parameter state, which training does not carry")
+    return TrainState(
+        params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=train_key,
+        nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx,
+        grad_accum_steps=grad_accum_steps,
+    )
+
+
+def abstract_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimizer_config: OptimizerConfig,
+                         mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without allocating it (for restore and AOT compile)."""
+    tx = make_optimizer(optimizer_config)
+    abstract = jax.eval_shape(lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps))
+    shardings = state_shardings(abstract, mesh_rules)
+    return with_shardings(abstract, shardings)
+
+
+def with_shardings(abstract, shardings):
+    """Attach shardings (a tree-prefix of `abstract`, as `state_shardings` returns) to ShapeDtypeStructs."""
+
+    def attach(sharding, subtree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), subtree)
+
+    return jax.tree.map(attach, shardings, abstract)
+
+
+def create_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimizer_config: OptimizerConfig,
+                       mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+    """Initialise params, optimizer state and RNG directly sharded.
+
+    `model_factory(rngs)` builds the module (closing over its ModelConfig, which sets remat and
+    param/compute dtypes, and over `mesh_rules` for its activation constraints). Shapes come from an
+    abstract evaluation first, so no device ever holds a replicated copy of the weights.
+    """
+    tx = make_optimizer(optimizer_config)
+    init = lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps)  # noqa: E731
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), mesh_rules))()
+
+
+def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped when the loss or the gradient norm is not finite.
+
+    A skipped update leaves params and optimizer state bit-identical (a select, not arithmetic) and
+    increments `nonfinite_streak`; see `NonFiniteGuard` for stopping the run.
+    """
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_ok(new, old):
+        return jnp.where(ok, new, old)
+
+    new_state = state.replace(
+        params=jax.tree.map(keep_if_ok, new_params, state.params),
+        opt_state=jax.tree.map(keep_if_ok, new_opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+    )
+    return new_state, {"grad_norm": grad_norm, "skipped_update": (~ok).astype(jnp.float32)}
+
+
+class NonFiniteGuard:
+    """Host-side stop rule: raise after `max_in_a_row` consecutive skipped updates.
+
+        guard = NonFiniteGuard(max_in_a_row=5)
+        state, metrics = step(state, batch)
+        guard.check(metrics)      # reads metrics['nonfinite_streak'] (a device scalar)
+    """
+
+    def __init__(self, max_in_a_row: int = 5):
+        if max_in_a_row < 1:
+            raise ValueError("NonFiniteGuard: max_in_a_row must be ≥ 1")
+        self.max_in_a_row = max_in_a_row
+
+    def check(self, metrics: dict) -> None:
+        streak = int(metrics["nonfinite_streak"])
+        if streak >= self.max_in_a_row:
+            raise TrainingDivergedError(
+                f"training stopped: {streak} consecutive updates had a non-finite loss or gradient "
+                f"(limit {self.max_in_a_row}); parameters were left at the last good update. Lower the "
+                f"learning rate, check the data for empty or corrupt batches, or resume from an earlier checkpoint."
+            )

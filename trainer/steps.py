@@ -1,0 +1,185 @@
+"""Jitted SFT and preference-model steps, `(state, batch) -> (state, metrics)`, plus shared plumbing.
+
+Every step is compiled once with explicit shardings: the state by its parameters' logical axes,
+every batch array split along its first (batch) axis by the rules' `batch` entry, metrics
+replicated; the incoming state is donated (do not reuse it after the call).
+
+Gradient accumulation splits the batch into `grad_accum_steps` micro-batches (row i of micro-batch
+a is batch row i·A + a, which keeps every micro-batch evenly spread over the batch shards) and sums
+their gradients; each micro-batch loss is normalised by the *whole* batch's token (or pair) count,
+so the sum is exactly the full-batch gradient.
+
+Batch formats (arrays; B rows, T positions; masks bool or {0,1}):
+  SFT: tokens_BxT int32, attention_mask_BxT, loss_mask_BxT (1 on tokens to predict, i.e. response)
+  RM:  chosen_tokens_BxT, chosen_mask_BxT, rejected_tokens_BxT, rejected_mask_BxT, p_chosen_B ∈ [0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.sharding import MeshRules
+from trainer import losses
+from trainer.mesh import MeshError, batch_shards, check_batch
+from trainer.state import TrainState, apply_update, state_shardings
+
+Batch = dict[str, jax.Array]
+
+
+def batch_sharding(mesh_rules: MeshRules) -> NamedSharding:
+    """One sharding for every batch array: first axis over the rules' batch axes, the rest whole."""
+    return mesh_rules.activation_sharding(("batch",))
+
+
+def replicated(mesh_rules: MeshRules) -> NamedSharding:
+    return NamedSharding(mesh_rules.mesh, PartitionSpec())
+
+
+def constrain_batch(batch: Batch, mesh_rules: MeshRules) -> Batch:
+    sharding = batch_sharding(mesh_rules)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), batch)
+
+
+def split_rows(batch: Batch, pieces: int) -> Batch:
+    """[B, ...] -> [pieces, B/pieces, ...] with piece a holding rows a, a+pieces, a+2·pieces, ..."""
+    def split(x):
+        rows = x.shape[0] // pieces
+        return jnp.swapaxes(x.reshape((rows, pieces) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: Callable, params, batch: Batch, totals: dict, accum_steps: int,
+                         mesh_rules: MeshRules):
+    """Σ over micro-batches of (loss, aux, grads) of `loss_fn(params, micro_batch, totals)`.
+
+    `loss_fn` must normalise by `totals` (whole-batch counts) so that the sums are whole-batch means.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, aux), grads = grad_fn(params, batch, totals)
+        return loss, aux, grads
+
+    def body(carry, micro):
+        micro = constrain_batch(micro, mesh_rules)
+        (loss, aux), grads = grad_fn(params, micro, totals)
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], split_rows(batch, accum_steps))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, totals))
+    (loss, aux), grads = zeros
+    (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), split_rows(batch, accum_steps))
+    return loss, aux, grads
+
+
+def check_accumulation(mesh_rules: MeshRules, batch_size: int, accum_steps: int, what: str) -> None:
+    check_batch(mesh_rules, batch_size, what)
+    if batch_size % (accum_steps * batch_shards(mesh_rules)):
+        raise MeshError(
+            f"{what} {batch_size} must be divisible by grad_accum_steps ({accum_steps}) × batch shards "
+            f"({batch_shards(mesh_rules)})"
+        )
+
+
+def compile_step(step_fn, state: TrainState, mesh_rules: MeshRules):
+    """jit `step_fn(state, batch)` with explicit shardings and the state donated."""
+    shardings = state_shardings(state, mesh_rules)
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sharding(mesh_rules)),
+        out_shardings=(shardings, replicated(mesh_rules)),
+        donate_argnums=0,
+    )
+
+
+def _finish(state: TrainState, update_stats: dict, metrics: dict) -> tuple[TrainState, dict]:
+    state = state.replace(step=state.step + 1)
+    return state, {**metrics, **update_stats, "nonfinite_streak": state.nonfinite_streak, "step": state.step}
+
+
+# ------------------------------------------------------------------------------------------- SFT
+
+
+def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
+    model = state.model(params)
+    logits_BxTxV = model(batch["tokens_BxT"], batch["attention_mask_BxT"])
+    logprob_BxT = losses.token_logprobs_from_logits(logits_BxTxV, batch["tokens_BxT"])
+    nll = losses.masked_nll(logprob_BxT, batch["loss_mask_BxT"], totals["tokens"])
+    return nll, {"nll": nll}
+
+
+def make_sft_step(state: TrainState, mesh_rules: MeshRules):
+    """Jitted `(state, batch) -> (state, metrics)` for supervised fine-tuning (masked token NLL).
+
+    Metrics: loss, nll, tokens, grad_norm, skipped_update, nonfinite_streak, step.
+    """
+    accum = state.grad_accum_steps
+
+    def step(state: TrainState, batch: Batch):
+        batch = constrain_batch(batch, mesh_rules)
+        check_accumulation(mesh_rules, batch["tokens_BxT"].shape[0], accum, "SFT batch size")
+        totals = {"tokens": jnp.sum(batch["loss_mask_BxT"].astype(jnp.float32))}
+        loss_fn = lambda p, b, t: sft_loss(p, state, b, t)  # noqa: E731
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
+        state, update_stats = apply_update(state, grads, loss)
+        return _finish(state, update_stats, {"loss": loss, **aux, "tokens": totals["tokens"]})
+
+    return compile_step(step, state, mesh_rules)
+
+
+# -------------------------------------------------------------------------------- preference model
+
+
+def sequence_scores(model, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    """ScalarModel output at each row's last real token: the preference score r(x, y), shape [B]."""
+    values_BxT = model(tokens_BxT, mask_BxT)
+    last_B = losses.last_token_index(mask_BxT)
+    return jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
+
+
+def rm_loss(params, state: TrainState, batch: Batch, totals: dict):
+    model = state.model(params)
+    chosen_B = sequence_scores(model, batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"])
+    rejected_B = sequence_scores(model, batch["rejected_tokens_BxT"], batch["rejected_mask_BxT"])
+    loss_B, accuracy_B = losses.bradley_terry_loss(chosen_B, rejected_B, batch["p_chosen_B"])
+    n = totals["pairs"]
+    loss = jnp.sum(loss_B) / n
+    return loss, {"bt_loss": loss, "accuracy": jnp.sum(accuracy_B) / n,
+                  "score_margin": jnp.sum(chosen_B - rejected_B) / n}
+
+
+def make_rm_step(state: TrainState, mesh_rules: MeshRules):
+    """Jitted `(state, batch) -> (state, metrics)` for the preference model (Bradley–Terry, soft labels).
+
+    `state` holds a `models.llama.ScalarModel`. Metrics: loss, bt_loss, accuracy, score_margin,
+    grad_norm, skipped_update, nonfinite_streak, step.
+    """
+    accum = state.grad_accum_steps
+
+    def step(state: TrainState, batch: Batch):
+        batch = constrain_batch(batch, mesh_rules)
+        check_accumulation(mesh_rules, batch["p_chosen_B"].shape[0], accum, "RM batch size")
+        totals = {"pairs": jnp.asarray(batch["p_chosen_B"].shape[0], jnp.float32)}
+        loss_fn = lambda p, b, t: rm_loss(p, state, b, t)  # noqa: E731
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
+        state, update_stats = apply_update(state, grads, loss)
+        return _finish(state, update_stats, {"loss": loss, **aux})
+
+    return compile_step(step, state, mesh_rules)
+
+
+def make_rm_eval(state: TrainState, mesh_rules: MeshRules):
+    """Jitted `(state, batch) -> metrics` (loss, accuracy, margin) without updating: held-out evaluation."""
+
+    def evaluate(state: TrainState, batch: Batch):
+        batch = constrain_batch(batch, mesh_rules)
+        totals = {"pairs": jnp.asarray(batch["p_chosen_B"].shape[0], jnp.float32)}
+        loss, aux = rm_loss(state.params, state, batch, totals)
+        return {"loss": loss, **aux}
+
+    return jax.jit(evaluate, in_shardings=(state_shardings(state, mesh_rules), batch_sharding(mesh_rules)),
+                   out_shardings=replicated(mesh_rules))
