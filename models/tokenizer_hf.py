@@ -23,7 +23,7 @@ class HFTokenizer(Tokenizer):
         self,
         backend: tokenizers.Tokenizer,
         *,
-        eos_token: str | None,
+        eos_token: str | None = None,
         bos_token: str | None = None,
         pad_token: str | None = None,
         unk_token: str | None = None,
