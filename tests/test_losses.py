@@ -1,0 +1,166 @@
+"""The training math against hand-computed values and plain Python loops."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer import kl as klmod
+from trainer import losses
+
+
+def test_masked_nll_by_hand():
+    logprob = jnp.array([[0.0, -1.0, -2.0], [0.0, -3.0, -4.0]])
+    mask = jnp.array([[0, 1, 1], [0, 1, 0]])
+    assert float(losses.masked_nll(logprob, mask)) == pytest.approx((1 + 2 + 3) / 3)
+    # An explicit denominator (gradient accumulation) replaces the mask count.
+    assert float(losses.masked_nll(logprob, mask, denominator=6.0)) == pytest.approx(1.0)
+
+
+def test_token_logprobs_and_entropy_are_shifted_onto_the_predicted_token():
+    logits = jnp.zeros((1, 3, 4)).at[0, 0, 2].set(math.log(3.0))  # position 0 predicts token 2 with p = 1/2
+    tokens = jnp.array([[1, 2, 0]])
+    logprob = losses.token_logprobs_from_logits(logits, tokens)
+    np.testing.assert_allclose(logprob, [[0.0, math.log(0.5), math.log(0.25)]], rtol=1e-6)
+    entropy = losses.token_entropy_from_logits(logits)
+    h0 = -(0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6))
+    np.testing.assert_allclose(entropy, [[0.0, h0, math.log(4)]], rtol=1e-6)
+
+
+def test_bradley_terry_soft_labels_by_hand():
+    chosen = jnp.array([1.0, 0.0, -2.0, -1.0])
+    rejected = jnp.zeros(4)
+    p = jnp.array([1.0, 0.5, 0.25, 0.9])
+    loss, accuracy = losses.bradley_terry_loss(chosen, rejected, p)
+    expected = [
+        math.log1p(math.exp(-1)),  # p=1, Δ=1: −log σ(1)
+        math.log(2),  # Δ=0: −log ½ whatever p
+        0.25 * math.log1p(math.exp(2)) + 0.75 * math.log1p(math.exp(-2)),
+        0.9 * math.log1p(math.exp(1)) + 0.1 * math.log1p(math.exp(-1)),
+    ]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(accuracy, [1.0, 0.5, 1.0, 0.0])
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = jnp.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(losses.last_token_index(mask), [1, 3, 3])
+
+
+def test_kl_estimators_by_hand():
+    logprob, ref = jnp.array([-1.0, -2.0]), jnp.array([-2.0, -2.0])
+    np.testing.assert_allclose(losses.kl_estimate(logprob, ref, "k1"), [1.0, 0.0])
+    np.testing.assert_allclose(losses.kl_estimate(logprob, ref, "k3"), [math.exp(-1), 0.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="k2"):
+        losses.kl_estimate(logprob, ref, "k2")
+
+
+def test_reward_shaping_puts_score_on_last_response_token():
+    kl = jnp.array([[0.1, 0.2, 0.3, 0.4]])
+    mask = jnp.array([[0, 1, 1, 0]])
+    rewards = losses.shape_rewards(jnp.array([2.0]), kl, mask, beta=0.5)
+    np.testing.assert_allclose(rewards, [[0.0, -0.1, 2.0 - 0.15, 0.0]], rtol=1e-6)
+
+
+def test_gae_by_hand():
+    rewards = jnp.array([[0.0, 0.0, 1.0]])
+    values = jnp.array([[0.5, 0.5, 0.5]])
+    mask = jnp.ones((1, 3))
+    adv, ret = losses.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(adv, [[0.5, 0.5, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0]], rtol=1e-6)
+    adv, ret = losses.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # δ2 = 0.5, A2 = 0.5; δ1 = 0.9·0.5 − 0.5 = −0.05, A1 = −0.05 + 0.45·0.5; A0 = −0.05 + 0.45·A1
+    np.testing.assert_allclose(adv, [[0.02875, 0.175, 0.5]], rtol=1e-5)
+    np.testing.assert_allclose(ret, [[0.52875, 0.675, 1.0]], rtol=1e-5)
+
+
+def _gae_plain_loop(rewards, values, mask, gamma, lam):
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        steps = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(steps):
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b, t]
+            adv[b, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.7), (0.99, 1.0)])
+def test_gae_equals_plain_loop_with_padding_and_gaps(gamma, lam):
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(5, 11)).astype(np.float32)
+    values = rng.normal(size=(5, 11)).astype(np.float32)
+    mask = (rng.random((5, 11)) > 0.3).astype(np.float32)
+    mask[0] = 0  # an empty row
+    mask[1, :4] = 0  # prompt-like prefix
+    adv, ret = losses.gae(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = _gae_plain_loop(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_policy_loss_by_hand_with_and_without_dual_clip():
+    ratio = jnp.array([[1.5, 0.5, 5.0, 1.0]])
+    old = jnp.zeros((1, 4))
+    adv = jnp.array([[1.0, -1.0, -1.0, 2.0]])
+    mask = jnp.ones((1, 4))
+    loss, stats = losses.ppo_policy_loss(jnp.log(ratio), old, adv, mask, clip_ratio=0.2)
+    # per token: −min(1.5, 1.2) = −1.2; max(0.5, 0.8) = 0.8; max(5, 1.2) = 5; −2
+    assert float(loss) == pytest.approx((-1.2 + 0.8 + 5.0 - 2.0) / 4, rel=1e-6)
+    assert float(stats["clip_fraction"]) == pytest.approx(0.75)
+    want_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(5.0) ** 2) / 4
+    assert float(stats["approx_kl"]) == pytest.approx(want_kl, rel=1e-6)
+    dual, _ = losses.ppo_policy_loss(jnp.log(ratio), old, adv, mask, clip_ratio=0.2, dual_clip=3.0)
+    assert float(dual) == pytest.approx((-1.2 + 0.8 + 3.0 - 2.0) / 4, rel=1e-6)  # 5 capped at c·|A| = 3
+
+
+def test_ppo_policy_loss_ignores_masked_tokens():
+    logprob = jnp.array([[0.0, 100.0]])
+    loss, _ = losses.ppo_policy_loss(logprob, jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.array([[1, 0]]), 0.2)
+    assert float(loss) == pytest.approx(-1.0)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = jnp.array([[1.0, 0.0]]), jnp.array([[0.5, 0.5]]), jnp.array([[2.0, 0.0]])
+    mask = jnp.ones((1, 2))
+    loss, stats = losses.clipped_value_loss(values, old, returns, mask, value_clip=0.2)
+    # token 0: max((1−2)², (0.7−2)²) = 1.69; token 1: max(0², 0.3²) = 0.09
+    assert float(loss) == pytest.approx(0.5 * (1.69 + 0.09) / 2, rel=1e-6)
+    assert float(stats["value_clip_fraction"]) == pytest.approx(1.0)
+    unclipped, _ = losses.clipped_value_loss(values, old, returns, mask, value_clip=None)
+    assert float(unclipped) == pytest.approx(0.5 * (1.0 + 0.0) / 2)
+
+
+def test_whiten_masked():
+    x = jnp.array([[1.0, 2.0, 3.0, 99.0]])
+    mask = jnp.array([[1, 1, 1, 0]])
+    s = math.sqrt(1.5)  # 1/sqrt(var = 2/3)
+    np.testing.assert_allclose(losses.whiten(x, mask), [[-s, 0.0, s, 0.0]], rtol=1e-5)
+
+
+def test_explained_variance():
+    target = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    mask = jnp.ones((1, 4))
+    assert float(losses.explained_variance(target, target, mask)) == pytest.approx(1.0)
+    assert float(losses.explained_variance(jnp.full((1, 4), 2.5), target, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_by_hand():
+    config = klmod.KLConfig(kind="adaptive", beta=0.1, target=6.0, horizon=1000)
+    beta = klmod.initial_beta(config)
+    assert float(klmod.update_beta(config, beta, jnp.float32(12.0), 100)) == pytest.approx(0.1 * 1.02)  # e clipped +0.2
+    assert float(klmod.update_beta(config, beta, jnp.float32(3.0), 100)) == pytest.approx(0.1 * 0.98)  # e clipped −0.2
+    assert float(klmod.update_beta(config, beta, jnp.float32(6.6), 100)) == pytest.approx(0.1 * 1.01)  # e = 0.1
+    fixed = klmod.KLConfig(kind="fixed", beta=0.3)
+    assert float(klmod.update_beta(fixed, klmod.initial_beta(fixed), jnp.float32(100.0), 100)) == pytest.approx(0.3)
+
+
+def test_kl_config_rejects_bad_values():
+    with pytest.raises(klmod.KLConfigError, match="estimator"):
+        klmod.KLConfig(estimator="k2")
+    with pytest.raises(klmod.KLConfigError, match="kind"):
+        klmod.KLConfig(kind="sometimes")
