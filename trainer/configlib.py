@@ -48,6 +48,12 @@ def _mapping_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict) -> None:
             path = prefix + (str(key_node.value),)
             out[path] = key_node.start_mark.line + 1
             _mapping_lines(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        # List items get their index as a key, so errors inside them name the item's own line.
+        for index, item_node in enumerate(node.value):
+            path = prefix + (str(index),)
+            out[path] = item_node.start_mark.line + 1
+            _mapping_lines(item_node, path, out)
 
 
 def read_yaml(path: str | Path) -> tuple[Any, Located]:
