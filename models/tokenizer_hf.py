@@ -37,9 +37,7 @@ class HFTokenizer(Tokenizer):
         self._backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
-        self._special_ids = frozenset(
-            token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special
-        )
+        self._special_ids = self._added_special_ids()
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         self._init_specials(
@@ -48,7 +46,27 @@ class HFTokenizer(Tokenizer):
             special_ids=special_ids,
             extra_stop_ids=extra_stop_ids,
         )
+        self._register_declared_specials()
         self.add_bos_token = self._post_processor_adds_bos() if add_bos_token is None else add_bos_token
+
+    def _added_special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, added in self._backend.get_added_tokens_decoder().items() if added.special)
+
+    def _register_declared_specials(self) -> None:
+        # transformers makes the config's bos/eos/unk/pad special even when tokenizer.json lists them as plain
+        # vocabulary: matched whole in text and skipped by decode. Do the same, on a copy of the caller's backend.
+        missing = [
+            token_id
+            for token_id in dict.fromkeys((self.bos_id, self.eos_id, self.pad_id, self.unk_id))
+            if token_id is not None and token_id not in self._special_ids
+        ]
+        if not missing:
+            return
+        self._backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        self._backend.add_special_tokens(
+            [tokenizers.AddedToken(self.id_to_token(i), special=True, normalized=False) for i in missing]
+        )
+        self._special_ids = self._added_special_ids()
 
     @classmethod
     def from_file(cls, path: str | Path, **specials) -> "HFTokenizer":

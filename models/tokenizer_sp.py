@@ -75,9 +75,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._ids = {piece: i for i, piece in reversed(list(enumerate(self._pieces)))}  # first id wins
         self._byte_ids = frozenset(i for i, t in enumerate(self._types) if t == _PIECE.BYTE)
         self._special_ids = frozenset(i for i, t in enumerate(self._types) if t in (_PIECE.CONTROL, _PIECE.UNKNOWN))
-        whole = [p for i, p in enumerate(self._pieces) if p and (i in self._special_ids or self._types[i] == _PIECE.USER_DEFINED)]
-        # Longest first, so '<|im_end|>' is not read as a shorter token that is its prefix.
-        self._whole_re = re.compile("|".join(re.escape(p) for p in sorted(whole, key=len, reverse=True))) if whole else None
 
         def own(piece_id: int) -> str | None:
             return self._pieces[piece_id] if piece_id >= 0 else None
@@ -97,6 +94,12 @@ class SentencePieceTokenizer(Tokenizer):
             },
             extra_stop_ids=extra_stop_ids,
         )
+        # As transformers does, the declared bos/eos/unk/pad are special whatever their piece type.
+        declared = {self.bos_id, self.eos_id, self.pad_id, self.unk_id} - {None}
+        self._special_ids = self._special_ids | declared
+        whole = [p for i, p in enumerate(self._pieces) if p and (i in self._special_ids or self._types[i] == _PIECE.USER_DEFINED)]
+        # Longest first, so '<|im_end|>' is not read as a shorter token that is its prefix.
+        self._whole_re = re.compile("|".join(re.escape(p) for p in sorted(whole, key=len, reverse=True))) if whole else None
 
     @classmethod
     def from_file(cls, path: str | Path, **specials) -> "SentencePieceTokenizer":

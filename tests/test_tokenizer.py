@@ -214,6 +214,21 @@ def test_sentencepiece_save_then_load_tokenizer_round_trips(sp_tok, tmp_path):
         assert again.encode(text) == sp_tok.encode(text)
 
 
+def test_sentencepiece_chatml_with_user_defined_eos(sp_model_proto, tmp_path):
+    """eos declared as a user-defined piece becomes special (skipped by decode, a stop id), as in transformers."""
+    tok = SentencePieceTokenizer(sp_model_proto, eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert tok.eos_id == im_end and tok.stop_ids == (im_end, 2) and tok.is_special(im_end)  # </s> still stops
+    tok.save(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in SAMPLE_TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    for messages in CONVERSATIONS:
+        assert tok.encode_chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
 def test_plain_chat_format_without_a_template(sp_tok):
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert sp_tok.chat_template is None
@@ -301,6 +316,23 @@ def test_hf_tokenizer_save_loads_in_transformers(chatml_tok, tmp_path):
     again = load_tokenizer(tmp_path)
     assert isinstance(again, HFTokenizer) and again.encode(TEST_STRING) == chatml_tok.encode(TEST_STRING)
     assert again.chat_template == CHATML_TEMPLATE and again.model_max_length == 2048
+
+
+def test_config_special_tokens_become_special_as_in_transformers(tmp_path):
+    """A tokenizer.json whose eos is plain vocabulary: the config's eos is matched whole and skipped by decode."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz<>|_ "
+    vocab = {"<|end|>": 0, **{c: i + 1 for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}}
+    backend = tokenizers.Tokenizer(models.BPE(vocab, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    tok = load_tokenizer(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "say <|end|> then " + alphabet
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert 0 in tok.encode(text) and tok.stop_ids == (0,) and tok.is_special(0)
+    assert tok.decode(tok.encode(text)) == ref.decode(tok.encode(text), skip_special_tokens=True) == "say  then " + alphabet
 
 
 LLAMA3_STYLE_TEMPLATE = (
