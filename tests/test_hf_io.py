@@ -1,0 +1,154 @@
+"""HF checkpoints in and out: random transformers models import with transformers' logits; exports load back."""
+
+import json
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_helpers import randomize_, torch_logits, write_word_tokenizer
+from models import hf_io, safetensors_io
+from models.config import PRESETS
+from models.export import export_params
+from models.llama import Llama
+from models.sources import build_llama, load, load_checkpoint, model_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOKENS = np.array([[5, 17, 99, 3, 42, 64, 7, 120, 11, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def _import_weights_only(directory):
+    config, _ = hf_io.read_config(directory)
+    params = hf_io.params_from_hf(hf_io.read_weights(directory), config, str(directory))
+    return config, build_llama(config, params)
+
+
+def _save_random(model_cls, config, directory, **save_kwargs):
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    randomize_(model)
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+def test_llama3_rope_gqa_untied_multishard_checkpoint_matches_transformers(tmp_path):
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=256,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+    )
+    reference = _save_random(transformers.LlamaForCausalLM, config, tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+
+    ours_config, model = _import_weights_only(tmp_path)
+    assert ours_config.rope_scaling is not None and ours_config.rope_scaling.factor == 8.0
+    assert not ours_config.tie_embeddings and ours_config.num_kv_heads == 2
+    ours = np.asarray(model(jnp.asarray(TOKENS)))
+    ref = torch_logits(reference, TOKENS)
+    assert np.abs(ref).max() > 1.0  # the check below is not trivially satisfied
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_mistral_checkpoint_matches_transformers(tmp_path):
+    config = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=None,
+    )
+    reference = _save_random(transformers.MistralForCausalLM, config, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    ours_config, model = _import_weights_only(tmp_path)
+    assert ours_config.resolved_head_dim == 32  # head_dim != hidden / heads
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), torch_logits(reference, TOKENS), atol=1e-4, rtol=0)
+
+
+def _tiny_model(seed=0, tie=True):
+    config = PRESETS["tiny"].replace(tie_embeddings=tie, vocab_size=128)
+    model = Llama(config, nnx.Rngs(seed))
+    # Random norm scales too, so a swapped or dropped norm weight would show.
+    for block in model.blocks:
+        block.attn_norm.scale[...] = 1 + 0.1 * jnp.arange(config.hidden_size) / config.hidden_size
+    return config, model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_loads_in_transformers_and_reimports_bitwise(tmp_path, tie):
+    config, model = _tiny_model(tie=tie)
+    write_word_tokenizer(tmp_path / "tok", 128)
+    from models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    params = model_params(model)
+    out = export_params(tmp_path / "export", config, params, tokenizer, max_shard_bytes=60_000)
+    assert (out / "model.safetensors.index.json").is_file()  # small shards: several files
+
+    reference, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = np.asarray(model(jnp.asarray(TOKENS)))
+    np.testing.assert_allclose(torch_logits(reference.float(), TOKENS), ours, atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode("w5 w17 w99 </s>", add_special_tokens=False) == tokenizer.encode("w5 w17 w99 </s>")
+
+    again = load(str(out))
+    assert again.config == config.replace(head_dim=config.resolved_head_dim)
+    reimported = model_params(again.model)
+    assert reimported.keys() == params.keys()
+    for path, w in params.items():
+        assert reimported[path].dtype == w.dtype and np.array_equal(reimported[path], w), path
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == list(tokenizer.stop_ids) and generation["pad_token_id"] == tokenizer.pad_id
+
+
+def test_bfloat16_export_within_bfloat16_tolerance(tmp_path):
+    config, model = _tiny_model()
+    write_word_tokenizer(tmp_path / "tok", 128)
+    from models.tokenizer import load_tokenizer
+
+    out = export_params(tmp_path / "bf16", config, model_params(model), load_tokenizer(tmp_path / "tok"), dtype="bfloat16")
+    header, _, _ = safetensors_io.read_header(out / "model.safetensors")
+    assert {entry["dtype"] for entry in header.values()} == {"BF16"}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ours = np.asarray(model(jnp.asarray(TOKENS)))
+    # bf16 keeps 8 mantissa bits: weights move by <= 2^-9 relative, logits by about that times their scale.
+    np.testing.assert_allclose(torch_logits(reference, TOKENS), ours, atol=0.02 * np.abs(ours).max(), rtol=0)
+
+
+def test_safetensors_roundtrip_bfloat16_and_truncation(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones((4,), ml_dtypes.bfloat16)}
+    safetensors_io.save(tmp_path / "x.safetensors", tensors)
+    back = safetensors_io.load(tmp_path / "x.safetensors")
+    assert back["b"].dtype == ml_dtypes.bfloat16 and np.array_equal(back["a"], tensors["a"])
+    from safetensors.numpy import load_file  # the reference reader agrees on the fp32 tensor
+
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-3])
+    with pytest.raises(safetensors_io.SafetensorsError, match="truncated"):
+        safetensors_io.load(tmp_path / "cut.safetensors")
+    safetensors_io.save(tmp_path / "f32.safetensors", {"a": tensors["a"]})
+    assert np.array_equal(load_file(str(tmp_path / "f32.safetensors"))["a"], tensors["a"])
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(hf_io.HFModelError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        hf_io.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(hf_io.HFModelError, match="no config.json"):
+        hf_io.read_config(tmp_path)
+    with pytest.raises(hf_io.HFModelError, match="rope scaling type 'yarn'"):
+        hf_io.config_from_hf({"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn"}})
+    assert hf_io.parse_size("2GB") == 2 * 10**9 and hf_io.parse_size("1GiB") == 2**30 and hf_io.parse_size("10") == 10
+
+
+def test_tokenizer_larger_than_embedding_is_rejected(tmp_path):
+    config, model = _tiny_model()
+    write_word_tokenizer(tmp_path / "tok", 128)
+    from models.tokenizer import VocabTooLargeError, load_tokenizer
+
+    out = export_params(tmp_path / "m", config, model_params(model), load_tokenizer(tmp_path / "tok"))
+    write_word_tokenizer(out, 200)  # replace the tokenizer with a bigger one
+    with pytest.raises(VocabTooLargeError, match="200 tokens"):
+        load_checkpoint(str(out))
