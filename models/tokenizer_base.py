@@ -110,8 +110,8 @@ class Tokenizer(abc.ABC):
         *,
         source: str,
         tokens: Mapping[str, str | None],
-        special_ids: Mapping[str, int | None] = {},
-        defaults: Mapping[str, str | None] = {},
+        special_ids: Mapping[str, int | None] | None = None,
+        defaults: Mapping[str, str | None] | None = None,
         extra_stop_ids: Sequence[int] = (),
     ) -> None:
         """Resolve the special tokens; call from the subclass __init__ once the vocabulary is loaded.
@@ -119,6 +119,7 @@ class Tokenizer(abc.ABC):
         For each of bos/eos/pad/unk the first that is set wins: `tokens[key]` (a string, from tokenizer_config),
         `special_ids[key]` (an id, from generation_config.json / config.json), `defaults[key]` (the backend's own).
         """
+        special_ids, defaults = special_ids or {}, defaults or {}
         resolved = {}
         for key in SPECIAL_TOKEN_KEYS:
             token = tokens.get(key)
@@ -158,7 +159,10 @@ class Tokenizer(abc.ABC):
             return None
         token_id = self.token_to_id(token)
         if token_id is None:
-            raise TokenizerError(f"{source}: {key} {token!r} is not in the tokenizer's vocabulary")
+            raise TokenizerError(
+                f"{source}: {key} {token!r} is not in the tokenizer's vocabulary; expected one of its tokens "
+                f"(tokenizer_config.json / special_tokens_map.json name the special tokens)"
+            )
         return token_id
 
     def special_tokens_map(self) -> dict[str, str]:

@@ -31,7 +31,7 @@ class HFTokenizer(Tokenizer):
         add_bos_token: bool | None = None,
         model_max_length: int | None = None,
         extra_stop_ids: Sequence[int] = (),
-        special_ids: Mapping[str, int | None] = {},
+        special_ids: Mapping[str, int | None] | None = None,
         source: str = "tokenizer.json",
     ):
         self._backend = backend

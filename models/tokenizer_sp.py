@@ -53,7 +53,7 @@ class SentencePieceTokenizer(Tokenizer):
         add_bos_token: bool = True,
         model_max_length: int | None = None,
         extra_stop_ids: Sequence[int] = (),
-        special_ids: Mapping[str, int | None] = {},
+        special_ids: Mapping[str, int | None] | None = None,
         source: str = "tokenizer.model",
     ):
         self._source = source
