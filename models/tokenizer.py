@@ -74,7 +74,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     specials = _specials_from_configs(directory)
     if preferred.name == "tokenizer.json":
         return HFTokenizer.from_file(preferred, **specials)
-    return SentencePieceTokenizer.from_file(preferred, **specials)
+    config = _read_json(directory / "tokenizer_config.json")
+    prefix_options = {key: bool(config[key]) for key in ("legacy", "add_prefix_space") if config.get(key) is not None}
+    return SentencePieceTokenizer.from_file(preferred, **specials, **prefix_options)
 
 
 def _load_gguf(path: Path) -> Tokenizer:

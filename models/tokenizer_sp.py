@@ -1,12 +1,14 @@
 """Tokenizer backed by a sentencepiece model (tokenizer.model, as Llama 2 / Mistral ship).
 
 sentencepiece segments ordinary text; around it we follow what `transformers`' LlamaTokenizer
-(legacy=False) does with the same tokenizer.model, so ids agree after an export:
+does with the same tokenizer.model, so ids agree after an export:
 
 - control pieces (<s>, </s>, <unk>, custom control symbols) and user-defined pieces written in the
   text are cut out first and become their single ids;
 - the "▁" prefix that marks a word start is added once, to the text at the very start of the input,
-  and only if it does not already start with a space (Metaspace prepend_scheme="first");
+  and only if it does not already start with a space (Metaspace prepend_scheme="first"); with
+  `legacy=True` also to the text after each special token ("always"), with `add_prefix_space=False`
+  never -- the two tokenizer_config.json keys transformers reads;
 - decoding maps "▁" to a space, joins <0xNN> byte pieces into UTF-8, and drops one leading space.
 
 transformers rebuilds a tokenizer.model as a BPE vocabulary and ignores the model's normalizer, so
@@ -54,6 +56,8 @@ class SentencePieceTokenizer(Tokenizer):
         model_max_length: int | None = None,
         extra_stop_ids: Sequence[int] = (),
         special_ids: Mapping[str, int | None] | None = None,
+        legacy: bool = False,
+        add_prefix_space: bool | None = None,
         source: str = "tokenizer.model",
     ):
         self._source = source
@@ -66,7 +70,10 @@ class SentencePieceTokenizer(Tokenizer):
         no_prefix.CopyFrom(proto)
         no_prefix.normalizer_spec.add_dummy_prefix = False
         self._sp_no_prefix = _processor(no_prefix.SerializeToString(), source)
-        self._add_prefix = proto.normalizer_spec.add_dummy_prefix
+        # tokenizer_config.json's add_prefix_space / legacy, as transformers reads them: whether text gets the
+        # word-start prefix at all, and whether again after every special token (legacy) or only at the start.
+        self._add_prefix = proto.normalizer_spec.add_dummy_prefix if add_prefix_space is None else add_prefix_space
+        self._legacy = legacy
         self._strips_spaces = proto.normalizer_spec.remove_extra_whitespaces
 
         self.vocab_size = self._sp.get_piece_size()
@@ -127,11 +134,13 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_plain(self, text: str, at_start: bool) -> list[int]:
         if not text:
             return []
-        # The word-start prefix goes only on the input's first text, and not on text that already begins with
-        # a space (transformers' Metaspace "first"). Models that strip spaces keep sentencepiece's own rule.
-        if at_start and self._add_prefix and (self._strips_spaces or not text.startswith(" ")):
+        if not (self._add_prefix and (at_start or self._legacy)):
+            return self._sp_no_prefix.encode(text)
+        if self._strips_spaces:
+            # Normalization would strip a space we add; sentencepiece's own prefix comes after normalization.
             return self._sp.encode(text)
-        return self._sp_no_prefix.encode(text)
+        # transformers' Metaspace: text that already starts with a space gets no second one.
+        return self._sp_no_prefix.encode(text if text.startswith(" ") else " " + text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         parts: list[str] = []
@@ -178,8 +187,8 @@ class SentencePieceTokenizer(Tokenizer):
         return [str(path)], "LlamaTokenizer"
 
     def _extra_config(self) -> dict:
-        # legacy=False gives the Metaspace "first" rule that encode() follows.
-        return {"legacy": False, "add_prefix_space": bool(self._add_prefix)}
+        # transformers builds its Metaspace rule from these two: "first" (legacy=False), "always", or "never".
+        return {"legacy": self._legacy, "add_prefix_space": bool(self._add_prefix)}
 
 
 def _flush_bytes(pending: bytearray) -> str:

@@ -178,7 +178,13 @@ def test_sentencepiece_decode_inverts_encode(sp_tok, text):
     assert sp_tok.decode(sp_tok.encode(text)) == expected
 
 
-def test_sentencepiece_save_loads_in_transformers_with_identical_ids(sp_tok, tmp_path):
+@pytest.mark.parametrize(
+    "prefix_options",
+    [{}, {"legacy": True}, {"add_prefix_space": False}],
+    ids=["prefix-first", "prefix-always-legacy", "prefix-never"],
+)
+def test_sentencepiece_save_loads_in_transformers_with_identical_ids(sp_model_proto, prefix_options, tmp_path):
+    sp_tok = SentencePieceTokenizer(sp_model_proto, **prefix_options)
     written = sp_tok.save(tmp_path)
     assert sorted(Path(p).name for p in written) == ["special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -197,6 +203,23 @@ def test_sentencepiece_save_loads_in_transformers_with_identical_ids(sp_tok, tmp
             assert sp_tok.encode_chat(messages, add_generation_prompt=gen) == ref.apply_chat_template(
                 messages, add_generation_prompt=gen, return_dict=False
             )
+    again = load_tokenizer(tmp_path)  # reads legacy / add_prefix_space back from tokenizer_config.json
+    assert [again.encode(t) for t in SAMPLE_TEXTS] == [sp_tok.encode(t) for t in SAMPLE_TEXTS]
+
+
+def test_sentencepiece_prefix_modes(sp_model_proto):
+    """Where the word-start prefix goes: input start only (default), after every special token too (legacy), never."""
+    first, always, never = (
+        SentencePieceTokenizer(sp_model_proto, **options)
+        for options in ({}, {"legacy": True}, {"add_prefix_space": False})
+    )
+    with_prefix, without = first.encode("user"), never.encode("user")
+    assert with_prefix != without
+    start = first.token_to_id("<|im_start|>")
+    assert first.encode("<|im_start|>user") == [start, *without]
+    assert always.encode("<|im_start|>user") == [start, *with_prefix]
+    assert never.encode("<|im_start|>user") == [start, *without]
+    assert first.encode(" user") == with_prefix  # a leading space is the prefix; no second one is added
 
 
 def test_sentencepiece_save_then_load_tokenizer_round_trips(sp_tok, tmp_path):
