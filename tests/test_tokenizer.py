@@ -513,9 +513,10 @@ def test_gguf_byte_level_bpe_matches_its_source(chatml_backend, tmp_path):
     )
     tok = load_tokenizer(path)
     source = HFTokenizer(chatml_backend, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.model_max_length) == (500, 1, 2, 2, 4096)
     for text in SAMPLE_TEXTS:
-        assert tok.encode(text) == source.encode(text), text
+        assert tok.encode(text) == source.encode(text) == ref.encode(text, add_special_tokens=False), text
         assert tok.decode(tok.encode(text)) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
     assert tok.encode_chat(CONVERSATIONS[1]) == source.encode(tok.render_chat(CONVERSATIONS[1]))
 
@@ -542,10 +543,13 @@ def test_gguf_sentencepiece_vocabulary_matches_sentencepiece(sp_model_proto, sp_
         },
     )
     tok = load_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert tok.add_bos_token  # llama.cpp's default for sentencepiece vocabularies
     for text in SAMPLE_TEXTS:
-        assert tok.encode(text) == sp_tok.encode(text), text
-        assert tok.decode(tok.encode(text)) == sp_tok.decode(sp_tok.encode(text)), text
+        ids = tok.encode(text)
+        assert ids == sp_tok.encode(text) == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == sp_tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    assert tok.encode("hi", add_bos=True) == ref.encode("hi")
 
 
 def test_gguf_without_tokenizer_metadata(tmp_path):
@@ -556,6 +560,20 @@ def test_gguf_without_tokenizer_metadata(tmp_path):
         load_tokenizer(
             _write_tokenizer_gguf(tmp_path / "bert.gguf", {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
         )
+
+
+def test_truncated_gguf_names_the_file(chatml_backend, tmp_path):
+    vocab = chatml_backend.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    path = _write_tokenizer_gguf(
+        tmp_path / "cut.gguf",
+        {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+         "tokenizer.ggml.eos_token_id": 2},
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizerError, match=r"cut\.gguf.*truncated or corrupt"):
+        load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------------
