@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 # Word-splitting rules by `tokenizer.ggml.pre`, each as the model's own tokenizer.json has it.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -45,7 +43,10 @@ def _gpt2_words() -> pre_tokenizers.PreTokenizer:
 def _single_digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
     # SmolLM / StarCoder: every digit is its own word, then GPT-2's rules.
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
 
 
@@ -110,7 +111,9 @@ def tokenizer_from_gguf(reader: Any, source: str | None = None) -> HFTokenizer:
         # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise.
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         scores = meta.require("tokenizer.ggml.scores")
-        backend = _sentencepiece_bpe(tokens, scores, token_types, unk, meta.get("tokenizer.ggml.add_space_prefix", True))
+        backend = _sentencepiece_bpe(
+            tokens, scores, token_types, unk, meta.get("tokenizer.ggml.add_space_prefix", True)
+        )
     else:
         raise TokenizerError(
             f"{source}: tokenizer.ggml.model is {kind!r}; cairl reads 'gpt2' (byte-level BPE) and 'llama' "
@@ -124,7 +127,11 @@ def tokenizer_from_gguf(reader: Any, source: str | None = None) -> HFTokenizer:
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
 
-    extra_stops = [int(meta.get(key)) for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if meta.get(key) is not None]
+    extra_stops = [
+        int(meta.get(key))
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        if meta.get(key) is not None
+    ]
     architecture = meta.get("general.architecture")
     context = meta.get(f"{architecture}.context_length") if architecture else None
     return HFTokenizer(
@@ -157,7 +164,9 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Ba
             pre,
             ", ".join(sorted(_PRE_TOKENIZERS)),
         )
-    backend = Backend(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES))
+    backend = Backend(
+        models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
+    )
     backend.pre_tokenizer = _PRE_TOKENIZERS.get(pre, _gpt2_words)()
     backend.decoder = decoders.ByteLevel()
     return backend
@@ -168,7 +177,9 @@ def _sentencepiece_bpe(
 ) -> Backend:
     vocab = {token: i for i, token in reversed(list(enumerate(tokens)))}
     backend = Backend(
-        models.BPE(vocab, merges_from_scores(tokens, scores, token_types), unk_token=unk, fuse_unk=True, byte_fallback=True)
+        models.BPE(
+            vocab, merges_from_scores(tokens, scores, token_types), unk_token=unk, fuse_unk=True, byte_fallback=True
+        )
     )
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False
@@ -201,8 +212,10 @@ def merges_from_scores(tokens: list[str], scores: list[float], token_types: list
 
 
 def _add_special_tokens(backend: Backend, tokens: list[str], token_types: list[int], unk: str | None) -> None:
-    special = [t for t, kind in zip(tokens, token_types) if kind == _CONTROL or (kind == _UNKNOWN and t == unk)]
-    plain = [t for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED]
+    special = [
+        t for t, kind in zip(tokens, token_types, strict=True) if kind == _CONTROL or (kind == _UNKNOWN and t == unk)
+    ]
+    plain = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special if t])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain if t])
 

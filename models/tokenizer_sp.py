@@ -104,9 +104,15 @@ class SentencePieceTokenizer(Tokenizer):
         # As transformers does, the declared bos/eos/unk/pad are special whatever their piece type.
         declared = {self.bos_id, self.eos_id, self.pad_id, self.unk_id} - {None}
         self._special_ids = self._special_ids | declared
-        whole = [p for i, p in enumerate(self._pieces) if p and (i in self._special_ids or self._types[i] == _PIECE.USER_DEFINED)]
+        whole = [
+            p
+            for i, p in enumerate(self._pieces)
+            if p and (i in self._special_ids or self._types[i] == _PIECE.USER_DEFINED)
+        ]
         # Longest first, so '<|im_end|>' is not read as a shorter token that is its prefix.
-        self._whole_re = re.compile("|".join(re.escape(p) for p in sorted(whole, key=len, reverse=True))) if whole else None
+        self._whole_re = (
+            re.compile("|".join(re.escape(p) for p in sorted(whole, key=len, reverse=True))) if whole else None
+        )
 
     @classmethod
     def from_file(cls, path: str | Path, **specials) -> "SentencePieceTokenizer":
@@ -172,11 +178,16 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _save_model_files(self, directory: Path) -> tuple[list[str], str]:
         spec = self._proto.normalizer_spec
-        if self._proto.trainer_spec.model_type != _BPE or spec.remove_extra_whitespaces or spec.name not in ("identity", ""):
+        if (
+            self._proto.trainer_spec.model_type != _BPE
+            or spec.remove_extra_whitespaces
+            or spec.name not in ("identity", "")
+        ):
             log.warning(
-                "%s: transformers reads tokenizer.model as a BPE vocabulary without the model's normalizer; this model "
-                "(type %s, normalizer %r, remove_extra_whitespaces=%s) may tokenize differently there. Train with "
-                "model_type='bpe', normalization_rule_name='identity', remove_extra_whitespaces=False for exact exports.",
+                "%s: transformers reads tokenizer.model as a BPE vocabulary without the model's normalizer; "
+                "this model (type %s, normalizer %r, remove_extra_whitespaces=%s) may tokenize differently there. "
+                "Train with model_type='bpe', normalization_rule_name='identity', remove_extra_whitespaces=False "
+                "for exact exports.",
                 self._source,
                 sp_pb2.TrainerSpec.ModelType.Name(self._proto.trainer_spec.model_type),
                 spec.name,

@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import sentencepiece as spm
 import tokenizers
@@ -39,7 +38,7 @@ TEST_STRING = (
     "Hello, world! Ça va? Grüße aus Köln. 日本語のテキスト、中文文本。 Русский текст, العربية, हिन्दी.\n"
     "Emoji: 🙂👍🏽 👨‍👩‍👧 🇫🇷 ✨\n\n\t  tabs\tand   multiple    spaces  \r\n"
     "def f(x: int) -> int:\n    return x ** 2  # 12345 + 3.14159 = 1e-9\n"
-    "    if (a && b) { return \"quoted\"; }\n"
+    '    if (a && b) { return "quoted"; }\n'
     "<|im_start|>user\nhi<|im_end|>\n  trailing   "
 )
 SAMPLE_TEXTS = [
@@ -186,7 +185,11 @@ def test_sentencepiece_decode_inverts_encode(sp_tok, text):
 def test_sentencepiece_save_loads_in_transformers_with_identical_ids(sp_model_proto, prefix_options, tmp_path):
     sp_tok = SentencePieceTokenizer(sp_model_proto, **prefix_options)
     written = sp_tok.save(tmp_path)
-    assert sorted(Path(p).name for p in written) == ["special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(Path(p).name for p in written) == [
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert type(ref).__name__ == "LlamaTokenizer"
     assert len(ref) == sp_tok.vocab_size
@@ -249,13 +252,22 @@ def test_sentencepiece_chatml_with_user_defined_eos(sp_model_proto, tmp_path):
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
     for messages in CONVERSATIONS:
-        assert tok.encode_chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert tok.encode_chat(messages) == ref.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False
+        )
 
 
 def test_plain_chat_format_without_a_template(sp_tok):
-    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    messages = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert sp_tok.chat_template is None
-    assert sp_tok.render_chat(messages, add_generation_prompt=False) == "<s>Be kind.\n\nUser: Hi\n\nAssistant: Hello</s>\n\n"
+    assert (
+        sp_tok.render_chat(messages, add_generation_prompt=False)
+        == "<s>Be kind.\n\nUser: Hi\n\nAssistant: Hello</s>\n\n"
+    )
     assert sp_tok.render_chat(messages[:2]).endswith("User: Hi\n\nAssistant:")
     ids = sp_tok.encode_chat(messages, add_generation_prompt=False)
     assert ids[0] == sp_tok.bos_id and sp_tok.eos_id in ids  # the assistant turn ends with a stop id
@@ -266,8 +278,12 @@ def test_plain_chat_format_without_a_template(sp_tok):
 def test_non_llama_style_sentencepiece_warns_on_save(tmp_path, caplog):
     (tmp_path / "c.txt").write_text(_corpus(lines=300), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "u"), vocab_size=300, model_type="unigram",
-        num_threads=1, minloglevel=2,
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "u"),
+        vocab_size=300,
+        model_type="unigram",
+        num_threads=1,
+        minloglevel=2,
     )
     tok = SentencePieceTokenizer((tmp_path / "u.model").read_bytes())
     with caplog.at_level("WARNING"):
@@ -287,7 +303,10 @@ def _train_byte_level_bpe(vocab_size: int = 500) -> tokenizers.Tokenizer:
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(_corpus().splitlines(), trainer=trainer)
     return backend
@@ -319,7 +338,11 @@ def test_hf_tokenizer_specials_and_stops(chatml_tok):
 
 def test_hf_tokenizer_save_loads_in_transformers(chatml_tok, tmp_path):
     written = chatml_tok.save(tmp_path)
-    assert sorted(Path(p).name for p in written) == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(Path(p).name for p in written) == [
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == 2048 and config["chat_template"] == CHATML_TEMPLATE
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -355,7 +378,11 @@ def test_config_special_tokens_become_special_as_in_transformers(tmp_path):
     text = "say <|end|> then " + alphabet
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
     assert 0 in tok.encode(text) and tok.stop_ids == (0,) and tok.is_special(0)
-    assert tok.decode(tok.encode(text)) == ref.decode(tok.encode(text), skip_special_tokens=True) == "say  then " + alphabet
+    assert (
+        tok.decode(tok.encode(text))
+        == ref.decode(tok.encode(text), skip_special_tokens=True)
+        == "say  then " + alphabet
+    )
 
 
 LLAMA3_STYLE_TEMPLATE = (
@@ -387,11 +414,19 @@ def llama3_style_dir(tmp_path_factory) -> Path:
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": {
-                    "__type": "AddedToken", "content": "<|begin_of_text|>", "lstrip": False, "normalized": False,
-                    "rstrip": False, "single_word": False, "special": True,
+                    "__type": "AddedToken",
+                    "content": "<|begin_of_text|>",
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
                 },
                 "eos_token": "<|eot_id|>",
-                "chat_template": [{"name": "default", "template": LLAMA3_STYLE_TEMPLATE}, {"name": "tool_use", "template": "x"}],
+                "chat_template": [
+                    {"name": "default", "template": LLAMA3_STYLE_TEMPLATE},
+                    {"name": "tool_use", "template": "x"},
+                ],
                 "model_max_length": 1000000000000000019884624838656,
             }
         )
@@ -410,8 +445,12 @@ def test_llama3_style_directory(llama3_style_dir, tmp_path):
     assert tok.chat_template == LLAMA3_STYLE_TEMPLATE  # the "default" of several named templates
     ref = transformers.AutoTokenizer.from_pretrained(llama3_style_dir)
     for messages in CONVERSATIONS:
-        assert tok.render_chat(messages) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert tok.encode_chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert tok.render_chat(messages) == ref.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        assert tok.encode_chat(messages) == ref.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False
+        )
     assert tok.encode("hi there", add_bos=True) == ref.encode("hi there")
     # And the same after our own export.
     tok.save(tmp_path)
@@ -429,16 +468,23 @@ def test_chat_template_errors_and_sandbox(llama3_style_dir):
     with pytest.raises(ChatTemplateError, match="message 0"):
         tok.render_chat(["hello"])
     with pytest.raises(ChatTemplateError, match="does not compile.*line 2"):
-        render_chat_template("ok\n{% for %}", [{"role": "user", "content": "x"}], add_generation_prompt=True, special_tokens={})
+        render_chat_template(
+            "ok\n{% for %}", [{"role": "user", "content": "x"}], add_generation_prompt=True, special_tokens={}
+        )
     # The sandbox keeps templates away from Python internals.
     with pytest.raises(ChatTemplateError, match="unsafe"):
         render_chat_template(
-            "{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "x"}], add_generation_prompt=True, special_tokens={}
+            "{{ messages.__class__.__mro__ }}",
+            [{"role": "user", "content": "x"}],
+            add_generation_prompt=True,
+            special_tokens={},
         )
     with pytest.raises(ChatTemplateError, match="unsafe"):
         render_chat_template(
-            "{% set ns = namespace() %}{% set ns._x = 1 %}", [{"role": "user", "content": "x"}],
-            add_generation_prompt=True, special_tokens={},
+            "{% set ns = namespace() %}{% set ns._x = 1 %}",
+            [{"role": "user", "content": "x"}],
+            add_generation_prompt=True,
+            special_tokens={},
         )
 
 
@@ -461,7 +507,9 @@ def test_chat_template_environment_matches_transformers(chatml_tok, tmp_path):
     for messages in CONVERSATIONS:
         ours = chatml_tok.render_chat(messages)
         assert ours == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert '"content": "And the next one? 🙂"' in chatml_tok.render_chat(CONVERSATIONS[1])  # no \u escapes, no HTML escapes
+    assert '"content": "And the next one? 🙂"' in chatml_tok.render_chat(
+        CONVERSATIONS[1]
+    )  # no \u escapes, no HTML escapes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,7 +559,8 @@ def test_gguf_byte_level_bpe_matches_its_source(chatml_backend, tmp_path):
             "llama.context_length": 4096,
         },
     )
-    tok = load_tokenizer(path)
+    tok = tokenizer_from_gguf(gguf.GGUFReader(str(path)))
+    assert load_tokenizer(path).encode(TEST_STRING) == tok.encode(TEST_STRING)
     source = HFTokenizer(chatml_backend, bos_token="<|im_start|>", eos_token="<|im_end|>")
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.model_max_length) == (500, 1, 2, 2, 4096)
@@ -558,7 +607,9 @@ def test_gguf_without_tokenizer_metadata(tmp_path):
         load_tokenizer(path)
     with pytest.raises(TokenizerError, match="'bert'"):
         load_tokenizer(
-            _write_tokenizer_gguf(tmp_path / "bert.gguf", {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+            _write_tokenizer_gguf(
+                tmp_path / "bert.gguf", {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}
+            )
         )
 
 
@@ -567,8 +618,12 @@ def test_truncated_gguf_names_the_file(chatml_backend, tmp_path):
     tokens = sorted(vocab, key=vocab.get)
     path = _write_tokenizer_gguf(
         tmp_path / "cut.gguf",
-        {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
-         "tokenizer.ggml.eos_token_id": 2},
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.eos_token_id": 2,
+        },
     )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -582,7 +637,9 @@ def test_truncated_gguf_names_the_file(chatml_backend, tmp_path):
 
 def test_missing_tokenizer_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(TokenizerError, match=r"no tokenizer in .*expected tokenizer\.json or tokenizer\.model.*config\.json"):
+    with pytest.raises(
+        TokenizerError, match=r"no tokenizer in .*expected tokenizer\.json or tokenizer\.model.*config\.json"
+    ):
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="does not exist"):
         load_tokenizer(tmp_path / "nowhere")
@@ -668,7 +725,9 @@ def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_pair):
     ours, ref = smollm2_pair
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id) == (49152, 1, 2, 2)
     assert ours.stop_ids[0] == 2 and not ours.add_bos_token
-    assert ours.special_tokens_map() == {k: v for k, v in ref.special_tokens_map.items() if k in ours.special_tokens_map()}
+    assert ours.special_tokens_map() == {
+        k: v for k, v in ref.special_tokens_map.items() if k in ours.special_tokens_map()
+    }
     for text in SAMPLE_TEXTS:
         ids = ours.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False), text
@@ -678,7 +737,9 @@ def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_pair):
         for gen in (True, False):
             rendered = ours.render_chat(messages, add_generation_prompt=gen)
             assert rendered == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-            assert ours.encode_chat(messages, gen) == ref.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)
+            assert ours.encode_chat(messages, gen) == ref.apply_chat_template(
+                messages, add_generation_prompt=gen, return_dict=False
+            )
     # Without a system message the template inserts SmolLM's default one.
     assert "You are a helpful AI assistant named SmolLM" in ours.render_chat(SMOLLM2_CHATS[0])
     assert "SmolLM" not in ours.render_chat(SMOLLM2_CHATS[1])
@@ -710,7 +771,13 @@ def test_smollm2_cached_directory_tokenizer_equals_gguf(smollm2_pair, embedded_m
     cached = load_tokenizer(embedded_model_dir)
     assert isinstance(cached, HFTokenizer)
     assert (cached.vocab_size, cached.bos_id, cached.eos_id, cached.pad_id, cached.stop_ids) == (
-        ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id, ours.stop_ids,
+        ours.vocab_size,
+        ours.bos_id,
+        ours.eos_id,
+        ours.pad_id,
+        ours.stop_ids,
     )
     assert cached.encode(TEST_STRING) == ref.encode(TEST_STRING, add_special_tokens=False)
-    assert cached.render_chat(SMOLLM2_CHATS[0]) == ref.apply_chat_template(SMOLLM2_CHATS[0], tokenize=False, add_generation_prompt=True)
+    assert cached.render_chat(SMOLLM2_CHATS[0]) == ref.apply_chat_template(
+        SMOLLM2_CHATS[0], tokenize=False, add_generation_prompt=True
+    )
