@@ -122,7 +122,7 @@ def tokenizer_from_gguf(reader: Any, source: str | None = None) -> HFTokenizer:
     _add_special_tokens(backend, tokens, token_types, unk)
     if add_bos and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokens.index(bos))]
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, int(meta.get("tokenizer.ggml.bos_token_id")))]
         )
     elif kind == "gpt2":
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
