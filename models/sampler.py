@@ -122,7 +122,7 @@ def _generate_program(graphdef, static: _Static, mesh_rules: MeshRules | None, s
     hidden_BxPxD, cache = model.hidden(prompt_BxP, prompt_mask_BxP, default_positions(prompt_mask_BxP), cache, 0)
     logits_BxV = model.logits(hidden_BxPxD[:, -1:])[:, 0]
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
-    stop_ids = jnp.asarray(static.stop_ids, jnp.int32)
+    stop_ids = jnp.asarray(static.stop_ids or (-1,), jnp.int32)  # -1: no token stops
 
     def sample_into(step, logits_BxV, done_B, out):
         tokens_BxN, mask_BxN, logprob_BxN, policy_BxN = out
@@ -171,7 +171,12 @@ def _generate_program(graphdef, static: _Static, mesh_rules: MeshRules | None, s
 
 
 class Sampler:
-    """Generates responses from a `Llama` with one compiled program per shape bucket and sampling mode."""
+    """Generates responses from a `Llama` with one compiled program per shape bucket and sampling mode.
+
+    stop_ids: tokens that end a sequence (kept in the response); empty: every sequence runs to its budget.
+    pad_id: fills prompt padding and the response after its end.
+    mesh_rules: where to run (default: the model's own); batch over the rules' batch axes.
+    """
 
     def __init__(
         self,
@@ -182,8 +187,6 @@ class Sampler:
         buckets: Buckets = Buckets(),
     ):
         vocab = model.config.vocab_size
-        if not stop_ids:
-            raise SamplerError("sampler: stop_ids must name at least one token (the end-of-sequence id)")
         for name, ids in (("stop_ids", list(stop_ids)), ("pad_id", [pad_id])):
             bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < vocab]
             if bad:

@@ -43,13 +43,24 @@ def sampler(model) -> Sampler:
     return Sampler(model, stop_ids=[1], pad_id=PAD)
 
 
+@jax.jit
+def _full_forward(graphdef, state, tokens_1xL):
+    return nnx.merge(graphdef, state)(tokens_1xL)[0]
+
+
 def _greedy_by_full_recompute(model: Llama, prompt: list[int], steps: int, stop_ids=(1,)) -> list[int]:
-    """Reference decoding: rerun the whole sequence through the model (no cache) for every token."""
+    """Reference decoding: rerun the whole sequence through the model (no cache) for every token.
+
+    The sequence is right-padded to one fixed length so the forward pass compiles once; causal
+    attention makes the padding invisible to the positions that are read.
+    """
+    graphdef, state = nnx.split(model)
+    length = len(prompt) + steps
     tokens = list(prompt)
     out = []
     for _ in range(steps):
-        logits = model(jnp.asarray([tokens], jnp.int32))
-        token = int(jnp.argmax(logits[0, -1]))
+        padded = jnp.asarray([tokens + [PAD] * (length - len(tokens))], jnp.int32)
+        token = int(jnp.argmax(_full_forward(graphdef, state, padded)[len(tokens) - 1]))
         out.append(token)
         tokens.append(token)
         if token in stop_ids:
@@ -250,7 +261,7 @@ def test_bad_requests_are_user_errors(model, sampler):
     with pytest.raises(SamplerError, match="max_position_embeddings"):
         sampler.generate([[3]], SamplingParams(max_new_tokens=600))
     with pytest.raises(SamplerError, match="stop_ids"):
-        Sampler(model, stop_ids=[], pad_id=0)
+        Sampler(model, stop_ids=[300], pad_id=0)
     bigger = Llama(preset("tiny").replace(hidden_size=32), nnx.Rngs(0))
     with pytest.raises(SamplerError, match="update_weights"):
         sampler.update_weights(bigger)
