@@ -82,15 +82,15 @@ def reference_logits(params, config, tokens_T):
     return x @ head
 
 
-def random_params(config, seed=0):
-    """Params large enough that every component moves the logits (default init leaves them ~0)."""
+def random_params(config, seed=0, gain=1.0):
+    """Params large enough that every component moves the logits (default init leaves them ~0); `gain` scales them."""
     rng = np.random.default_rng(seed)
     params = {}
     abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))), nnx.Param)
     for path, w in nnx.to_flat_state(abstract):
         scale = 0.1 if path[-1] == "scale" else 0.6 if path[-1] in ("embed_VxD", "lm_head_DxV") else 0.15
         base = 1.0 if path[-1] == "scale" else 0.0
-        params[path] = (base + scale * rng.standard_normal(w.shape)).astype(np.float32)
+        params[path] = (base + gain * scale * rng.standard_normal(w.shape)).astype(np.float32)
     return params
 
 
