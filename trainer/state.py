@@ -108,7 +108,7 @@ def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[
     A skipped update leaves params and optimizer state bit-identical (a select, not arithmetic) and
     increments `nonfinite_streak`; see `NonFiniteGuard` for stopping the run.
     """
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
