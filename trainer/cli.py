@@ -18,6 +18,7 @@ COMMANDS = (
     "trainer.commands.fetch_model",
     "trainer.commands.generate",
     "trainer.commands.export",
+    "trainer.commands.train",
 )
 
 

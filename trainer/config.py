@@ -1,0 +1,226 @@
+"""The run config of `cairl train`: one typed tree composing every stage's settings.
+
+    config = load_run_config("configs/demo.yaml", ["ppo.iterations=4", "run.stages=[sl,label]"])
+
+Each section is a frozen dataclass validating itself in `__post_init__`; unknown keys are rejected
+by `trainer.configlib` with the file, line and closest matches. This module imports neither JAX nor
+Ray: a bad config must fail before either starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from models.errors import UserError
+from trainer import configlib
+from trainer.checkpoint import CheckpointConfig
+from trainer.kl import KLConfig
+from trainer.mesh import MeshConfig
+from trainer.optim import OptimizerConfig
+from trainer.ppo import PPOConfig
+
+STAGES = ("sl", "label", "rm", "ppo")
+Stage = Literal["sl", "label", "rm", "ppo"]
+
+
+class RunConfigError(UserError, ValueError):
+    """A run config whose values cannot work together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = "smollm2-135m-instruct"  # initial policy: registry name, HF directory, .gguf file or run dir
+    feedback_source: str = ""  # AI-feedback model; empty = the initial policy, frozen
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (fp32 on CPU, bf16 on accelerators)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh
+    sampler_mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1))  # per rollout worker
+
+    def __post_init__(self):
+        if not self.source:
+            raise RunConfigError("model.source must name a model")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    prompts: tuple[str, ...] = ("default:red_team_train", "default:helpful_train")  # prompt sets, interleaved
+    eval_prompts: tuple[str, ...] = ("default:red_team_heldout",)  # held-out prompts for before/after evaluation
+    data_dir: str = ""  # TFDS build directory; empty = $CAIRL_CACHE/tfds
+    sl_prompts: int = 16  # prompts used by SL-CAI
+    label_prompts: int = 16  # prompts for AI-feedback pairs
+    ppo_prompts: int = 16  # prompts PPO cycles over
+    eval_count: int = 8  # held-out prompts for evaluation
+    max_prompt_tokens: int = 96  # chat-rendered prompt tokens kept (longer prompts keep their end)
+
+    def __post_init__(self):
+        if not self.prompts or not self.eval_prompts:
+            raise RunConfigError("data.prompts and data.eval_prompts must each name at least one prompt set")
+        for name in ("sl_prompts", "label_prompts", "ppo_prompts", "eval_count", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise RunConfigError(f"data.{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SLSection:
+    rounds: int = 1  # critique → revision rounds per prompt
+    few_shot: int = 1  # few-shot critique examples in each prompt
+    max_new_tokens: int = 64  # per answer, critique and revision
+    temperature: float = 0.0  # 0 = greedy
+    sft_steps: int = 8  # SFT updates on the final revisions
+    batch_size: int = 4  # SFT batch (sequences)
+    max_seq_len: int = 192  # SFT sequences are cut to this many tokens
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1e-5, decay="constant", total_steps=1000))
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise RunConfigError("sl: rounds, batch_size and max_new_tokens must be ≥ 1 and sft_steps ≥ 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSection:
+    max_new_tokens: int = 48  # per sampled response
+    temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
+    top_p: float = 0.95
+    principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
+    chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped
+    cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%)
+
+    def __post_init__(self):
+        if self.principles_per_pair < 1 or self.max_new_tokens < 1:
+            raise RunConfigError("label: principles_per_pair and max_new_tokens must be ≥ 1")
+        lo, hi = self.cot_clamp
+        if not 0.0 <= lo < hi <= 1.0:
+            raise RunConfigError(f"label.cot_clamp must be [lo, hi] with 0 ≤ lo < hi ≤ 1, got {self.cot_clamp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSection:
+    steps: int = 16  # preference-model updates
+    batch_size: int = 4  # pairs per update
+    heldout_fraction: float = 0.25  # labelled pairs kept out of training for accuracy
+    max_seq_len: int = 160  # prompt + response tokens per side
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=2e-5, decay="constant", total_steps=1000))
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or not 0.0 < self.heldout_fraction < 1.0:
+            raise RunConfigError("rm: steps ≥ 0, batch_size ≥ 1 and heldout_fraction in (0, 1) expected")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSection:
+    iterations: int = 8  # rollout → update cycles
+    batch_size: int = 8  # prompts (one response each) per iteration
+    max_new_tokens: int = 32  # response budget per rollout
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eval_max_new_tokens: int = 48  # greedy responses for the before/after evaluation
+    update: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(kl=KLConfig(kind="fixed", beta=0.05)))
+    policy_optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1e-5, decay="constant", total_steps=1000))
+    value_optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=5e-5, decay="constant", total_steps=1000))
+    value_from: Literal["reward_model", "policy"] = "reward_model"  # value model initialisation
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and max_new_tokens ≥ 1 expected")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    num_workers: int = 1  # RolloutWorker actors
+    batch_size: int = 8  # prompt uids per worker task
+    max_staleness: int = 1  # results sampled more than this many weight versions ago are dropped
+    task_timeout_s: float = 600.0  # a task running longer marks its worker hung: killed, restarted, re-dispatched
+    max_restarts: int = 3  # Ray restarts of a dead worker
+    num_cpus: float = 0.5  # Ray CPU share per worker (fractional: whole CPUs starve 2-core machines)
+
+    def __post_init__(self):
+        if self.num_workers < 1 or self.batch_size < 1 or self.max_staleness < 0:
+            raise RunConfigError("rollout: num_workers ≥ 1, batch_size ≥ 1 and max_staleness ≥ 0 expected")
+        if self.task_timeout_s <= 0 or self.max_restarts < 0 or self.num_cpus <= 0:
+            raise RunConfigError("rollout: task_timeout_s > 0, max_restarts ≥ 0 and num_cpus > 0 expected")
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySection:
+    address: str | None = None  # None: start a local cluster; "auto" or host:port joins one
+    host: str = "127.0.0.1"  # local cluster binds here only
+    dashboard: bool = False  # start the dashboard (local cluster)
+    num_cpus: int | None = None  # local cluster CPUs (default: the machine's)
+    learner_num_cpus: float = 0.5  # Ray CPU share of the learner actor
+    temp_dir: str = ""  # Ray session files; empty = <run dir>/ray is too long for sockets, so /tmp/cairl-ray-<name>
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    name: str = "demo"  # run directory is <runs_dir>/<name>
+    runs_dir: str = "runs"
+    seed: int = 0
+    stages: tuple[Stage, ...] = STAGES  # which stages to run, in this order
+    export: bool = True  # write hf/ with the final policy
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise RunConfigError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        order = [STAGES.index(s) for s in self.stages]
+        if not self.stages or order != sorted(set(order)):
+            raise RunConfigError(f"run.stages must be a non-empty subset of {list(STAGES)} in that order, "
+                                 f"got {list(self.stages)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    constitution: str = "default"  # YAML file, CAI-paper JSON directory, or a shipped name
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    sl: SLSection = dataclasses.field(default_factory=SLSection)
+    label: LabelSection = dataclasses.field(default_factory=LabelSection)
+    rm: RMSection = dataclasses.field(default_factory=RMSection)
+    ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    ray: RaySection = dataclasses.field(default_factory=RaySection)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=4, keep=2))
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.runs_dir) / self.run.name
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Parse a run config file plus `key=value` overrides; errors name the file, line and key."""
+    return configlib.load(RunConfig, path, overrides)
+
+
+_SECRET = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
+
+
+def redacted(data):
+    """A copy of a plain config dict with the values of secret-looking keys replaced."""
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if _SECRET.search(str(k)) and v not in (None, "") else redacted(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    if isinstance(data, str) and "://" in data and "@" in data:
+        # user:password@host in a URL
+        return re.sub(r"://[^/@]*@", "://<redacted>@", data)
+    return data
+
+
+def to_yaml(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(redacted(configlib.to_dict(config)), sort_keys=False)
+
+
+def from_yaml_file(path: Path) -> RunConfig:
+    """Read back a run directory's resolved config.yaml."""
+    return configlib.load(RunConfig, path)

@@ -1,0 +1,34 @@
+"""Which stages of a run are finished: <run>/stages.json, rewritten atomically after each stage.
+
+A stage is marked done only after its outputs are durable (samples file complete, stage-final
+checkpoint committed), so a resumed run skips exactly the finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class StageRecord:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "stages.json"
+
+    def read(self) -> dict:
+        if not self.path.exists():
+            return {}
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
+    def done(self, stage: str) -> bool:
+        return bool(self.read().get(stage, {}).get("done"))
+
+    def info(self, stage: str) -> dict:
+        return self.read().get(stage, {})
+
+    def update(self, stage: str, **info) -> None:
+        data = self.read()
+        data.setdefault(stage, {}).update(info)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)

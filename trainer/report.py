@@ -1,0 +1,137 @@
+"""<run>/report.md and plots/: what the run did and whether it worked, from the run's own files.
+
+Sections: stage wall times; SL-CAI critiques and revisions grouped by principle; AI labels; the
+preference model's held-out accuracy; PPO reward and KL per iteration (plots/ppo.png); the mean
+preference-model reward of greedy answers to held-out prompts before and after PPO.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from trainer.ledger import read_records
+from trainer.pipeline_state import StageRecord
+
+
+def _short(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plot_ppo(run_dir: Path, records: list[dict]) -> Path | None:
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_r, ax_k) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_r.plot(steps, [r.get("ppo/reward_mean") for r in records], marker="o")
+    ax_r.set(title="PM reward of rollouts", xlabel="PPO iteration", ylabel="mean score")
+    ax_k.plot(steps, [r.get("ppo/kl") for r in records], marker="o", color="tab:red")
+    ax_k.set(title="KL(policy ‖ reference)", xlabel="PPO iteration", ylabel="nats / sequence")
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / "ppo.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _sl_section(run_dir: Path, per_principle: int = 2) -> list[str]:
+    records = read_records(run_dir / "samples" / "sl.jsonl")
+    if not records:
+        return []
+    lines = ["## SL-CAI: critiques and revisions", "", f"{len(records)} prompts. Examples per principle:", ""]
+    by_principle = defaultdict(list)
+    for r in records:
+        for rnd in r.get("rounds", []):
+            by_principle[rnd.get("principle_id", "?")].append((r, rnd))
+    for principle in sorted(by_principle):
+        lines += [f"### principle `{principle}`", ""]
+        for r, rnd in by_principle[principle][:per_principle]:
+            lines += [f"- **prompt:** {_short(r['prompt'], 200)}",
+                      f"  - **initial answer:** {_short(r.get('initial', ''))}",
+                      f"  - **critique:** {_short(rnd.get('critique', ''))}",
+                      f"  - **revision:** {_short(rnd.get('revision', ''))}", ""]
+    return lines
+
+
+def _label_section(run_dir: Path, stages: dict) -> list[str]:
+    labels = read_records(run_dir / "samples" / "labels.jsonl")
+    if not labels:
+        return []
+    p = [float(r["p_a"]) for r in labels]
+    lines = ["## AI feedback and preference model", "",
+             f"{len(labels)} labelled pairs; mean P(A preferred) = {sum(p) / len(p):.3f}; "
+             f"confident labels (|p − 0.5| > 0.1): {sum(abs(x - 0.5) > 0.1 for x in p)}.", ""]
+    rm = stages.get("rm", {})
+    if "heldout_accuracy" in rm:
+        lines += [f"- preference model held-out accuracy: **{rm['heldout_accuracy']:.3f}** "
+                  f"(before training {rm.get('heldout_accuracy_before', float('nan')):.3f}; chance 0.5) on "
+                  f"{rm.get('heldout_pairs')} held-out pairs, trained on {rm.get('train_pairs')}", ""]
+    example = labels[0]
+    lines += ["Example label:", "", f"- prompt: {_short(example['prompt'], 200)}",
+              f"- (A) {_short(example['response_a'], 200)}", f"- (B) {_short(example['response_b'], 200)}",
+              f"- P(A) = {float(example['p_a']):.3f}, principles {example.get('principle_ids')}", ""]
+    return lines
+
+
+def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
+    ppo = [r for r in metrics if r.get("stage") == "ppo"]
+    info = stages.get("ppo", {})
+    if not ppo and "pm_reward_before" not in info:
+        return []
+    lines = ["## RL-CAI (PPO)", ""]
+    if "pm_reward_after" in info:
+        delta = info["pm_reward_after"] - info["pm_reward_before"]
+        lines += [f"Mean preference-model reward of greedy answers to held-out prompts: before PPO "
+                  f"**{info['pm_reward_before']:.4f}**, after PPO **{info['pm_reward_after']:.4f}** "
+                  f"(change {delta:+.4f}).", ""]
+    if ppo:
+        last = ppo[-1]
+        lines += [f"Final iteration: KL {last.get('ppo/kl', float('nan')):.4f} nats/sequence, "
+                  f"β {last.get('ppo/beta', float('nan')):.4f}, entropy {last.get('ppo/entropy', float('nan')):.3f}, "
+                  f"stale results dropped {info.get('stale_dropped', 0)}, worker deaths {info.get('worker_deaths', 0)}.",
+                  "", "![reward and KL](plots/ppo.png)", "",
+                  "| iteration | reward mean | reward std | KL | β | clip frac | approx KL | value loss | expl. var | "
+                  "resp. len | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ppo:
+            cols = [r.get(f"ppo/{k}") for k in ("reward_mean", "reward_std", "kl", "beta", "clip_fraction",
+                                                 "approx_kl", "value_loss", "explained_variance",
+                                                 "response_length", "tokens_per_s")]
+            lines.append(f"| {r['step']} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cols) + " |")
+        lines.append("")
+    before = {r["uid"]: r for r in read_records(run_dir / "samples" / "eval_before.jsonl")}
+    after = read_records(run_dir / "samples" / "eval_after.jsonl")
+    if before and after:
+        lines += ["Held-out answers before → after PPO (first 3):", ""]
+        for r in after[:3]:
+            lines += [f"- prompt: {_short(r['prompt'], 160)}", f"  - before: {_short(before.get(r['uid'], {}).get('response', ''), 240)}",
+                      f"  - after: {_short(r.get('response', ''), 240)}"]
+        lines.append("")
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    stages = StageRecord(run_dir).read()
+    metrics = read_records(run_dir / "metrics.jsonl")
+    plot_ppo(run_dir, [r for r in metrics if r.get("stage") == "ppo"])
+    lines = [f"# cairl run `{run_dir.name}`", "", "## Stages", "", "| stage | done | wall time (s) |", "|---|---|---|"]
+    for stage in ("sl", "label", "rm", "ppo"):
+        if stage in stages:
+            lines.append(f"| {stage} | {stages[stage].get('done', False)} | {stages[stage].get('seconds', '—')} |")
+    lines.append("")
+    lines += _sl_section(run_dir)
+    lines += _label_section(run_dir, stages)
+    lines += _ppo_section(run_dir, stages, metrics)
+    lines += ["## Files", "", "config.yaml, metrics.jsonl, tb/, samples/*.jsonl, checkpoints/<stage>/, hf/ (export)", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    (run_dir / "report.json").write_text(json.dumps(stages, indent=2), encoding="utf-8")
+    return out

@@ -1,0 +1,179 @@
+"""RolloutWorker: a Ray actor holding a policy copy, its sampler and tokenizer; runs one task at a time.
+
+A task names a kind, a batch of prompt uids with their texts, and the weight version to use:
+
+    Task(kind="rollout", uids=[...], texts=[...], weights=WeightHandle(3, ref), seed=..., params={...})
+
+The worker first brings its policy to that version (fetching from the object store only on a
+change), then runs the whole batch at that version — a batch never mixes versions — and returns
+`TaskResult(version, records={uid: record})`. Kinds:
+  rollout  one sampled response per prompt: token ids and behaviour log-probs (PPO)
+  respond  one response per prompt as text (evaluation; greedy unless params say otherwise)
+  sl       SL-CAI: answer, then rounds of critique → revision (trainer.critique)
+  label    two responses per prompt, scored by the feedback model (trainer.feedback)
+
+The worker holds no run state: a restarted worker (Ray `max_restarts`) rebuilds itself from the
+constructor arguments and is brought to the right weights by its next task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from trainer.weights import WeightHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    kind: str  # rollout | respond | sl | label
+    uids: tuple[str, ...]
+    texts: tuple[str, ...]  # the user prompt of each uid
+    weights: WeightHandle
+    seed: int
+    params: dict  # kind-specific settings (plain values)
+
+
+@dataclasses.dataclass
+class TaskResult:
+    version: int  # weight version the whole batch was produced with
+    records: dict[str, dict]  # uid -> record (JSON-serialisable)
+    worker: str = ""
+    seconds: float = 0.0
+    tokens: int = 0  # generated tokens
+
+
+def task_seed(run_seed: int, stage: str, uids: Sequence[str], version: int) -> int:
+    """A seed fixed by what is asked, not by who runs it: a re-dispatched batch samples the same way."""
+    key = f"{run_seed}\0{stage}\0{version}\0" + "\0".join(uids)
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+class RolloutWorker:
+    """The actor body (wrap with `ray.remote`, see `trainer.pipeline`). `config` is a RunConfig."""
+
+    def __init__(self, config, index: int):
+        self.config = config
+        self.index = index
+        self.name = f"worker-{index}"
+        self._policy = None
+        self._feedback = None
+        self._weights = None
+        self._constitution = None
+
+    # ------------------------------------------------------------------------------ lazy pieces
+
+    def _ensure_policy(self):
+        if self._policy is None:
+            from trainer.runtime import configure_jax
+
+            configure_jax()
+            from trainer.policy import Policy
+            from trainer.weights import WeightCache
+
+            self._policy = Policy.load(self.config.model.source, self.config.model.dtype)
+            self._weights = WeightCache(self._policy.model)
+        return self._policy
+
+    def _ensure_feedback(self):
+        if self._feedback is None:
+            from trainer.policy import Policy
+
+            source = self.config.model.feedback_source or self.config.model.source
+            self._feedback = Policy.load(source, self.config.model.dtype)
+        return self._feedback
+
+    def _constitution_obj(self):
+        if self._constitution is None:
+            from trainer.constitution import load_constitution
+
+            self._constitution = load_constitution(self.config.constitution)
+        return self._constitution
+
+    def ping(self) -> str:
+        return f"{self.name} pid {os.getpid()}"
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------------------------ tasks
+
+    def run(self, task: Task) -> TaskResult:
+        start = time.perf_counter()
+        policy = self._ensure_policy()
+        state = self._weights.state_for(task.weights)
+        if state is not None:
+            policy.sampler.update_weights(state)
+        version = self._weights.version
+        handler = getattr(self, f"_run_{task.kind}", None)
+        if handler is None:
+            raise ValueError(f"unknown task kind {task.kind!r}")
+        records, tokens = handler(policy, task)
+        for record in records.values():
+            record.setdefault("version", version)
+        return TaskResult(version=version, records=records, worker=self.name,
+                          seconds=time.perf_counter() - start, tokens=tokens)
+
+    def _run_rollout(self, policy, task: Task):
+        from models.sampling import SamplingParams
+
+        p = task.params
+        prompts = [policy.chat_ids(t) for t in task.texts]
+        samples = policy.sampler.generate(
+            prompts, SamplingParams(max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                                    top_k=p.get("top_k", 0), top_p=p.get("top_p", 1.0)), seed=task.seed)
+        records = {}
+        for row, uid in enumerate(task.uids):
+            n = int(samples.lengths[row])
+            response = samples.tokens[row, :n].tolist()
+            records[uid] = {
+                "prompt_ids": prompts[row],
+                "response_ids": response,
+                "logprobs": samples.policy_logprobs[row, :n].astype(float).tolist(),
+                "response": policy.tokenizer.decode(response),
+            }
+        return records, int(samples.lengths.sum())
+
+    def _run_respond(self, policy, task: Task):
+        p = task.params
+        texts, tokens = policy.respond(list(task.texts), p["max_new_tokens"], p.get("temperature", 0.0), task.seed)
+        records = {uid: {"response": text} for uid, text in zip(task.uids, texts)}
+        return records, tokens
+
+    def _run_sl(self, policy, task: Task):
+        from trainer import critique
+
+        p = task.params
+        generate = policy.text_generator(p["max_new_tokens"], p.get("temperature", 0.0), task.seed)
+        records = critique.run_sl_cai(
+            self._constitution_obj(), list(task.uids), list(task.texts), generate,
+            rounds=p["rounds"], few_shot=p["few_shot"], seed=task.seed)
+        return records, 0
+
+    def _run_label(self, policy, task: Task):
+        from trainer import feedback
+
+        p = task.params
+        a, tokens_a = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed,
+                                     top_p=p.get("top_p", 1.0))
+        b, tokens_b = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed + 1,
+                                     top_p=p.get("top_p", 1.0))
+        judge = self._ensure_feedback()
+        records = feedback.label_pairs(
+            self._constitution_obj(), judge, list(task.uids), list(task.texts), a, b,
+            principles_per_pair=p["principles_per_pair"], chain_of_thought=p["chain_of_thought"],
+            cot_clamp=tuple(p["cot_clamp"]), seed=task.seed)
+        return records, tokens_a + tokens_b
+
+
+def worker_options(config) -> dict[str, Any]:
+    """Ray actor options of a rollout worker."""
+    return {"num_cpus": config.rollout.num_cpus, "max_restarts": config.rollout.max_restarts,
+            "max_task_retries": 0, "max_concurrency": 1}

@@ -1,0 +1,105 @@
+"""RL-CAI: per iteration, workers sample rollouts at the current weight version; the learner scores
+them with the preference model, computes reference log-probs and values, runs the PPO update; the
+new weights are published (version + 1). Held-out prompts are answered (greedy) and scored by the
+preference model before the first and after the last iteration.
+
+Resume: the learner restores the newest PPO checkpoint (policy, value, β, step); rollouts and
+metrics logged past that iteration are dropped and redone. Rollouts: samples/rollouts.jsonl, uids
+'it<k>/<prompt uid>'.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from trainer.ledger import Ledger, read_records, truncate_records
+from trainer.stages.common import dispatch_prompts, progress
+from trainer.stages.label import label_weights
+from trainer.weights import WeightHandle
+
+LOGGED = ("reward_mean", "reward_std", "kl", "beta", "entropy", "clip_fraction", "approx_kl", "value_loss",
+          "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds")
+
+
+def iteration_prompts(prompts: list, iteration: int, batch_size: int) -> list:
+    """Batch k is prompts k·B … k·B+B−1 of the PPO set, wrapping: the data position is the iteration."""
+    return [prompts[(iteration * batch_size + i) % len(prompts)] for i in range(batch_size)]
+
+
+def evaluate(ctx, tag: str, weights: WeightHandle) -> dict:
+    """Greedy answers to the held-out prompts at `weights`, scored by the preference model."""
+    import ray
+
+    cfg = ctx.config
+    prompts = {p.uid: p for p in ctx.prompts["eval"]}
+    ledger = Ledger.open(ctx.run_dir / "samples" / f"eval_{tag}.jsonl", list(prompts))
+    params = {"max_new_tokens": cfg.ppo.eval_max_new_tokens, "temperature": 0.0}
+    dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", params, weights, desc=f"eval {tag}")
+    records = ledger.records()
+    scores = ray.get(ctx.learner.score.remote([r["prompt_ids"] for r in records],
+                                              [r["response_ids"] for r in records]))
+    return {"pm_reward_mean": float(np.mean(scores)), "pm_reward_std": float(np.std(scores)),
+            "scores": {r["uid"]: s for r, s in zip(records, scores)}, "version": weights.version}
+
+
+def run_ppo(ctx) -> None:
+    import ray
+
+    cfg, learner = ctx.config, ctx.learner
+    setup = ray.get(learner.setup.remote("ppo"))
+    done_iterations = int(setup["extras"].get("iteration", 0))
+    extras = dict(setup["extras"])
+    base = 1 if ctx.stages.done("sl") else 0
+    ctx.metrics.truncate("ppo", done_iterations)
+    rollouts_path = ctx.run_dir / "samples" / "rollouts.jsonl"
+    truncate_records(rollouts_path, lambda r: r.get("iteration", 0) < done_iterations)
+
+    version = base + done_iterations
+    weights = label_weights(ctx) if done_iterations == 0 else ray.get(learner.publish.remote(version))
+    if "eval_before" not in extras:
+        extras["eval_before"] = evaluate(ctx, "before", weights)
+        ctx.stages.update("ppo", pm_reward_before=extras["eval_before"]["pm_reward_mean"])
+
+    prompts = ctx.prompts["ppo"]
+    sampling = {"max_new_tokens": cfg.ppo.max_new_tokens, "temperature": cfg.ppo.temperature,
+                "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p}
+    bar = progress(cfg.ppo.iterations, "ppo", initial=done_iterations)
+    try:
+        for it in range(done_iterations, cfg.ppo.iterations):
+            batch = iteration_prompts(prompts, it, cfg.ppo.batch_size)
+            by_uid = {f"it{it}/{p.uid}": p for p in batch}
+            ledger = Ledger.open(rollouts_path, list(by_uid), strict=False)
+            stale_before = ctx.pool.stats.stale_dropped
+            t0 = time.perf_counter()
+            tokens_before = ctx.pool.stats.generated_tokens
+            dispatch_prompts(ctx, "ppo", ledger, by_uid, "rollout", sampling, weights,
+                             make_record=lambda uid, r, it=it: {**r, "iteration": it, "prompt_uid": uid.split("/", 1)[1]},
+                             desc=f"ppo rollouts {it + 1}")
+            rollout_seconds = time.perf_counter() - t0
+            records = {r["uid"]: r for r in read_records(rollouts_path) if r["uid"] in by_uid}
+            rollouts = [records[u] for u in by_uid]
+            metrics = ray.get(learner.ppo_step.remote(rollouts))
+            t1 = time.perf_counter()
+            version += 1
+            weights = ray.get(learner.publish.remote(version))
+            sync_seconds = time.perf_counter() - t1
+            generated = ctx.pool.stats.generated_tokens - tokens_before
+            logged = {k: metrics[k] for k in LOGGED if k in metrics}
+            logged.update(rollout_seconds=rollout_seconds, sync_seconds=sync_seconds,
+                          tokens_per_s=generated / max(rollout_seconds, 1e-9), version=version,
+                          stale_dropped=ctx.pool.stats.stale_dropped - stale_before)
+            ctx.metrics.write("ppo", it + 1, logged)
+            bar.update(1)
+            bar.set_postfix(reward=f"{logged['reward_mean']:.3f}", kl=f"{logged.get('kl', 0.0):.3f}")
+            extras.update(iteration=it + 1, version=version, data_position=(it + 1) * cfg.ppo.batch_size)
+            if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
+                ray.get(learner.save.remote(it + 1, extras))
+    finally:
+        bar.close()
+    extras["eval_after"] = evaluate(ctx, "after", weights)
+    ray.get(learner.save.remote(cfg.ppo.iterations, extras, True))
+    ctx.stages.update("ppo", pm_reward_before=extras["eval_before"]["pm_reward_mean"],
+                      pm_reward_after=extras["eval_after"]["pm_reward_mean"],
+                      stale_dropped=ctx.pool.stats.stale_dropped, worker_deaths=ctx.pool.stats.worker_deaths)

@@ -1,0 +1,43 @@
+"""Preference model: Bradley–Terry with soft AI labels; held-out accuracy before and after training."""
+
+from __future__ import annotations
+
+import zlib
+
+from trainer.ledger import read_records
+from trainer.stages.common import learner_loop
+
+
+def split_labels(records: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
+    """A split fixed by each uid's hash, so a resumed or repeated run holds out the same pairs."""
+    train, heldout = [], []
+    for r in records:
+        bucket = (zlib.crc32(r["uid"].encode()) % 1000) / 1000.0
+        (heldout if bucket < heldout_fraction else train).append(r)
+    if not heldout and len(train) > 1:
+        heldout.append(train.pop())
+    if not train and len(heldout) > 1:
+        train.append(heldout.pop())
+    return train, heldout
+
+
+def run_rm(ctx) -> None:
+    import ray
+
+    cfg = ctx.config
+    labels = read_records(ctx.run_dir / "samples" / "labels.jsonl")
+    if len(labels) < 2:
+        raise RuntimeError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)}; run the label stage")
+    train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
+    start = ray.get(ctx.learner.setup.remote("rm"))["step"]
+    ray.get(ctx.learner.set_rm_data.remote(train, heldout))
+    if start == 0:
+        before = ray.get(ctx.learner.rm_eval.remote())
+        ctx.metrics.write("rm_eval", 0, before)
+        ctx.stages.update("rm", heldout_accuracy_before=before["accuracy"])
+    learner_loop(ctx, "rm", cfg.rm.steps, start, cfg.checkpoint.every_steps)
+    after = ray.get(ctx.learner.rm_eval.remote())
+    ctx.metrics.write("rm_eval", cfg.rm.steps, after)
+    ctx.stages.update("rm", heldout_accuracy=after["accuracy"], heldout_bt_loss=after["bt_loss"],
+                      train_pairs=len(train), heldout_pairs=len(heldout))
+    ray.get(ctx.learner.close.remote())
