@@ -152,3 +152,65 @@ def test_tokenizer_larger_than_embedding_is_rejected(tmp_path):
     write_word_tokenizer(out, 200)  # replace the tokenizer with a bigger one
     with pytest.raises(VocabTooLargeError, match="200 tokens"):
         load_checkpoint(str(out))
+
+
+# -- the real embedded model through `cairl export` ----------------------------------------------------
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a prime number."},
+    {"role": "assistant", "content": "Seven."},
+    {"role": "user", "content": "Another one?"},
+]
+TRICKY_TEXT = "Héllo wörld — 你好，世界! Ünïcödé 🤖🎉👩‍👩‍👧  two  spaces\ttab\n\nnewlines   end "
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2, tmp_path_factory):
+    from trainer.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "smollm2"
+    assert main(["export", "--model", "smollm2-135m-instruct", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.real_model
+def test_smollm2_export_loads_in_transformers_with_our_logits_template_and_tokens(smollm2, smollm2_export):
+    tok = smollm2.tokenizer
+    reference, info = transformers.AutoModelForCausalLM.from_pretrained(smollm2_export, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = np.array([tok.encode_chat(MESSAGES)])
+    ours = np.asarray(smollm2.model(jnp.asarray(ids)))
+    np.testing.assert_allclose(torch_logits(reference, ids), ours, atol=1e-4, rtol=0)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_export)
+    for messages in (MESSAGES, MESSAGES[1:2]):
+        assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == tok.render_chat(messages)
+    assert hf_tok.encode(TRICKY_TEXT, add_special_tokens=False) == tok.encode(TRICKY_TEXT)
+    assert hf_tok.decode(tok.encode(TRICKY_TEXT)) == TRICKY_TEXT
+
+    again = model_params(load(str(smollm2_export)).model)  # re-import: bitwise identical in fp32
+    original = model_params(smollm2.model)
+    assert again.keys() == original.keys()
+    assert all(again[p].dtype == np.float32 and np.array_equal(again[p], w) for p, w in original.items())
+
+
+@pytest.mark.real_model
+def test_smollm2_bfloat16_export(smollm2, tmp_path):
+    from trainer.cli import main
+
+    out = tmp_path / "bf16"
+    assert main(["export", "--model", "smollm2-135m-instruct", "--out", str(out), "--dtype", "bfloat16",
+                 "--max-shard-size", "100MB"]) == 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == 3  # 270 MB of bf16 weights
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = np.array([smollm2.tokenizer.encode_chat(MESSAGES)])
+    theirs = torch_logits(reference, ids)
+    # Exactly our model on the same (bf16-rounded) weights...
+    rounded = load(str(out))
+    np.testing.assert_allclose(theirs, np.asarray(rounded.model(jnp.asarray(ids))), atol=1e-4, rtol=0)
+    # ...and close to the fp32 original: bf16 rounding (2^-9 relative per weight) moves logits by a few tenths.
+    original = np.asarray(smollm2.model(jnp.asarray(ids)))
+    assert np.abs(theirs - original).max() < 0.05 * np.abs(original).max()
+    assert np.mean(theirs.argmax(-1) == original.argmax(-1)) > 0.9
