@@ -273,7 +273,9 @@ class Learner:
         p = data["p_chosen_B"]
         margin = chosen - rejected
         decided = p != 0.5
-        accuracy = float(np.mean((margin > 0) == (p > 0.5))) if decided.any() else float("nan")
+        # A tie (equal scores, e.g. the untrained zero head) counts as half right, like a coin flip.
+        agree = np.where(margin == 0, 0.5, ((margin > 0) == (p > 0.5)).astype(np.float64))
+        accuracy = float(np.mean(agree[decided])) if decided.any() else float("nan")
         loss = -(p * -np.logaddexp(0, -margin) + (1 - p) * -np.logaddexp(0, margin))
         return {"accuracy": accuracy, "bt_loss": float(np.mean(loss)), "score_margin": float(np.mean(margin)),
                 "pairs": int(len(p))}
