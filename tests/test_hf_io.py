@@ -214,3 +214,28 @@ def test_smollm2_bfloat16_export(smollm2, tmp_path):
     original = np.asarray(smollm2.model(jnp.asarray(ids)))
     assert np.abs(theirs - original).max() < 0.05 * np.abs(original).max()
     assert np.mean(theirs.argmax(-1) == original.argmax(-1)) > 0.9
+
+
+def test_sentencepiece_model_round_trips_through_export(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from models.tokenizer import SentencePieceTokenizer
+
+    words = ["cake", "flour", "sugar", "oven", "bake", "mix", "egg", "the", "a", "and", "with", "42", "Grüße", "🍰"]
+    rng = np.random.default_rng(0)
+    corpus = "\n".join(" ".join(rng.choice(words, size=8)) for _ in range(400))
+    (tmp_path / "corpus.txt").write_text(corpus, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    tokenizer = SentencePieceTokenizer((tmp_path / "sp.model").read_bytes())
+    config = PRESETS["tiny"].replace(vocab_size=tokenizer.vocab_size)
+    model = Llama(config, nnx.Rngs(5))
+    out = export_params(tmp_path / "export", config, model_params(model), tokenizer)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "bake the cake with flour and 42 eggs 🍰 Grüße, unseen wörds!"
+    ids = tokenizer.encode(text, add_bos=True)
+    assert hf_tok.encode(text) == ids and len(ids) > 10
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(torch_logits(reference, np.array([ids])), np.asarray(model(jnp.asarray([ids]))),
+                               atol=1e-4, rtol=0)

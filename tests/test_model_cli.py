@@ -155,3 +155,15 @@ def test_generate_cli_answers_the_cake_prompt(embedded_model_dir, capsys):
     code, out, err = run_cli(capsys, "generate", "--prompt", "How do I bake a chocolate cake?", "--max-new-tokens", "48")
     assert code == 0, err
     assert "chocolate" in out.lower() and "INFO" not in out and "<|im_end|>" not in out
+
+
+def test_run_directory_resolves_to_its_hf_export(tiny_hf_dir, tmp_path, capsys):
+    run = tmp_path / "runs" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: r1\n")
+    assert_user_error(capsys, ["generate", "--model", str(run), "--prompt", "w5", "--no-chat"], "run directory", "hf/")
+    (run / "hf").mkdir()
+    for f in tiny_hf_dir.iterdir():
+        (run / "hf" / f.name).write_bytes(f.read_bytes())
+    code, out, err = run_cli(capsys, "generate", "--model", str(run), "--prompt", "w5", "--no-chat", "--max-new-tokens", "4")
+    assert code == 0 and out.strip(), err
