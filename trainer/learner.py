@@ -203,12 +203,12 @@ class Learner:
 
         self._step_fn = make_sft_step(self.state, self.rules)
 
-    def set_sft_data(self, pairs: list[tuple[str, str]]) -> int:
-        """(user prompt, target reply) pairs → fixed-length token rows, loss on the reply."""
+    def set_sft_data(self, pairs: list[tuple[list[dict], str]]) -> int:
+        """(prompt chat messages, target reply) pairs → fixed-length token rows, loss on the reply."""
         length = self.config.sl.max_seq_len
         rows, masks = [], []
         for prompt, reply in pairs:
-            prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            prompt_ids = self.tokenizer.encode_chat(prompt)
             reply_ids = self.tokenizer.encode(reply) + [self.tokenizer.eos_id]
             ids = (prompt_ids + reply_ids)[:length]
             rows.append(ids)
@@ -246,9 +246,11 @@ class Learner:
 
     def _pair_arrays(self, labels: list[dict]) -> dict:
         length = self.config.rm.max_seq_len
+        from trainer.prompts import prompt_messages
+
         chosen, rejected, p = [], [], []
         for label in labels:
-            prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": label["prompt"]}])
+            prompt_ids = self.tokenizer.encode_chat(prompt_messages(label["prompt"]))
             a = prompt_ids + self.tokenizer.encode(label["response_a"]) + [self.tokenizer.eos_id]
             b = prompt_ids + self.tokenizer.encode(label["response_b"]) + [self.tokenizer.eos_id]
             chosen.append(a)

@@ -28,7 +28,9 @@ class Policy:
         return cls(loaded.model, loaded.tokenizer, loaded.config)
 
     def chat_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        from trainer.prompts import prompt_messages
+
+        return self.tokenizer.encode_chat(prompt_messages(text), add_generation_prompt=True)
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
                   top_p: float = 1.0) -> tuple[list[str], int]:

@@ -55,7 +55,7 @@ def _sl_section(run_dir: Path, per_principle: int = 2) -> list[str]:
         lines += [f"### principle `{principle}`", ""]
         for r, rnd in by_principle[principle][:per_principle]:
             lines += [f"- **prompt:** {_short(r['prompt'], 200)}",
-                      f"  - **initial answer:** {_short(r.get('initial', ''))}",
+                      f"  - **initial answer:** {_short(r.get('initial_response', ''))}",
                       f"  - **critique:** {_short(rnd.get('critique', ''))}",
                       f"  - **revision:** {_short(rnd.get('revision', ''))}", ""]
     return lines

@@ -148,14 +148,21 @@ class RolloutWorker:
         return records, tokens
 
     def _run_sl(self, policy, task: Task):
-        from trainer import critique
+        from models.sampling import SamplingParams
+        from trainer.critique import CritiqueConfig, SamplerTextGenerator, run_sl_cai
+        from trainer.data.records import Prompt
 
         p = task.params
-        generate = policy.text_generator(p["max_new_tokens"], p.get("temperature", 0.0), task.seed)
-        records = critique.run_sl_cai(
-            self._constitution_obj(), list(task.uids), list(task.texts), generate,
-            rounds=p["rounds"], few_shot=p["few_shot"], seed=task.seed)
-        return records, 0
+        generator = SamplerTextGenerator(policy.sampler, policy.tokenizer,
+                                         SamplingParams(max_new_tokens=1, temperature=p.get("temperature", 0.0),
+                                                        top_p=p.get("top_p", 1.0)), seed=task.seed)
+        budget = p["max_new_tokens"]
+        # Principles and few-shot examples are drawn from (run seed, uid): the same whichever batch a uid lands in.
+        config = CritiqueConfig(rounds=p["rounds"], num_few_shot=p["few_shot"], response_tokens=budget,
+                                critique_tokens=budget, revision_tokens=budget, seed=p["seed"])
+        prompts = [Prompt(uid=u, text=t) for u, t in zip(task.uids, task.texts)]
+        records = run_sl_cai(prompts, self._constitution_obj(), generator, config)
+        return {r.uid: r.to_json() for r in records}, 0
 
     def _run_label(self, policy, task: Task):
         from trainer import feedback

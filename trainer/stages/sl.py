@@ -15,9 +15,13 @@ from trainer.weights import WeightHandle
 log = logging.getLogger(__name__)
 
 
-def sft_pairs(records: list[dict]) -> list[tuple[str, str]]:
-    """(prompt, final revision) pairs; records whose revision is empty are left out."""
-    return [(r["prompt"], r["revision"]) for r in records if r.get("revision", "").strip()]
+def sft_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
+    """(prompt chat messages, final revision) pairs (trainer.critique.sft_examples)."""
+    from trainer.critique import CritiqueRecord, sft_examples
+
+    fields = {f for f in CritiqueRecord.__dataclass_fields__}
+    examples = sft_examples(CritiqueRecord.from_json({k: v for k, v in r.items() if k in fields}) for r in records)
+    return [(list(e.messages), e.response) for e in examples]
 
 
 def run_sl(ctx) -> None:
@@ -27,7 +31,7 @@ def run_sl(ctx) -> None:
     prompts = {p.uid: p for p in ctx.prompts["sl"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / "sl.jsonl", list(prompts))
     params = {"rounds": cfg.sl.rounds, "few_shot": cfg.sl.few_shot, "max_new_tokens": cfg.sl.max_new_tokens,
-              "temperature": cfg.sl.temperature}
+              "temperature": cfg.sl.temperature, "seed": cfg.run.seed}
     stats = dispatch_prompts(ctx, "sl", ledger, prompts, "sl", params, WeightHandle(0, None), desc="sl critique")
     ctx.stages.update("sl", critique_seconds=round(stats.seconds, 1), worker_deaths=stats.worker_deaths)
     pairs = sft_pairs(ledger.records())
