@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/cairl fetch-model smollm2-135m-instruct
-	$(BIN)/cairl generate --model smollm2-135m-instruct --prompt "How do I bake a chocolate cake?" --max-new-tokens 96
+	$(BIN)/cairl train --config configs/demo.yaml
 
 # The fast default suite: tiny models, 8 fake CPU devices.
 test: $(STAMP)
