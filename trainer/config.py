@@ -86,6 +86,8 @@ class LabelSection:
     temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
     top_p: float = 0.95
     principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
+    few_shot: int = 1  # feedback examples shown before each question
+    debias_order: bool = True  # also ask with the answers swapped, average the two estimates
     chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped
     cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%)
 

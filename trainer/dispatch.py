@@ -100,6 +100,9 @@ class WorkerPool:
                     result = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - sorted into deaths vs real errors below
                     if not _is_actor_death(err):
+                        cause = getattr(err, "cause", None)
+                        if isinstance(cause, UserError):
+                            raise cause from None  # bad input found on a worker: the user's message, no traceback
                         raise
                     self._on_death(w, uids, ledger, err)
                     if w not in self.retired:

@@ -165,7 +165,9 @@ class RolloutWorker:
         return {r.uid: r.to_json() for r in records}, 0
 
     def _run_label(self, policy, task: Task):
-        from trainer import feedback
+        from models.sampling import SamplingParams
+        from trainer.critique import SamplerTextGenerator
+        from trainer.feedback import FeedbackConfig, LlamaOptionScorer, ResponsePair, label_pairs
 
         p = task.params
         a, tokens_a = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed,
@@ -173,11 +175,18 @@ class RolloutWorker:
         b, tokens_b = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed + 1,
                                      top_p=p.get("top_p", 1.0))
         judge = self._ensure_feedback()
-        records = feedback.label_pairs(
-            self._constitution_obj(), judge, list(task.uids), list(task.texts), a, b,
-            principles_per_pair=p["principles_per_pair"], chain_of_thought=p["chain_of_thought"],
-            cot_clamp=tuple(p["cot_clamp"]), seed=task.seed)
-        return records, tokens_a + tokens_b
+        if getattr(self, "_scorer", None) is None:
+            self._scorer = LlamaOptionScorer(judge.model, judge.tokenizer)
+        generator = None
+        if p["chain_of_thought"]:
+            generator = SamplerTextGenerator(judge.sampler, judge.tokenizer,
+                                             SamplingParams(max_new_tokens=1, temperature=0.0), seed=task.seed)
+        config = FeedbackConfig(num_principles=p["principles_per_pair"], num_few_shot=p["few_shot"],
+                                debias_order=p["debias_order"], chain_of_thought=p["chain_of_thought"],
+                                cot_clamp=tuple(p["cot_clamp"]), seed=p["seed"])
+        pairs = [ResponsePair(uid, text, ra, rb) for uid, text, ra, rb in zip(task.uids, task.texts, a, b)]
+        records = label_pairs(pairs, self._constitution_obj(), self._scorer, config, generator)
+        return {r.uid: r.to_json() for r in records}, tokens_a + tokens_b
 
 
 def worker_options(config) -> dict[str, Any]:
