@@ -28,11 +28,9 @@ from trainer.constitution import Constitution, CritiqueExample, FeedbackExample,
 
 Chat = list[dict[str, str]]
 
-OPTION_LETTERS = ("A", "B")
+OPTION_LETTERS = tuple("ABCDEFGH")
 ANSWER_PREFIX = "The answer is:"
 COT_ANSWER_PREFIX = "\nSo the answer is:"
-COT_INSTRUCTION = "Let's think step by step about which option is better, then give the answer as (A) or (B)."
-DIRECT_INSTRUCTION = "Answer with (A) or (B)."
 
 # Where a generated reply should end: the model starting the next turn of a transcript, or a label.
 TURN_MARKERS = (
@@ -43,9 +41,21 @@ TURN_MARKERS = (
 LEADING_LABELS = ("Critique:", "Revision:", "Assistant:", "Answer:", "Response:")
 
 
-def options(letters: Sequence[str] = OPTION_LETTERS) -> list[str]:
-    """The scored continuations: ' (A)', ' (B)' (a leading space: they follow 'The answer is:')."""
-    return [f" ({letter})" for letter in letters]
+def options(count: int = 2) -> list[str]:
+    """The scored continuations: ' (A)', ' (B)', ... (a leading space: they follow 'The answer is:')."""
+    return [f" ({letter})" for letter in OPTION_LETTERS[:count]]
+
+
+def _choices(count: int) -> str:
+    labels = [f"({letter})" for letter in OPTION_LETTERS[:count]]
+    return labels[0] if count == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+def answer_instruction(count: int, chain_of_thought: bool) -> str:
+    """The question's last line: answer directly, or reason step by step first."""
+    if chain_of_thought:
+        return f"Let's think step by step about which option is better, then give the answer as {_choices(count)}."
+    return f"Answer with {_choices(count)}."
 
 
 # -- messages -------------------------------------------------------------------------------------
@@ -120,7 +130,7 @@ def comparison_question(conversation: Chat, answers: Sequence[str], comparison: 
         "Options:",
         *(f"({letter}) {answer.strip()}" for letter, answer in zip(OPTION_LETTERS, answers)),
         "",
-        COT_INSTRUCTION if chain_of_thought else DIRECT_INSTRUCTION,
+        answer_instruction(len(answers), chain_of_thought),
     ]
     return "\n".join(lines)
 

@@ -1,0 +1,221 @@
+"""AI feedback: the label math by hand, labelling with a fake scorer, and the real JAX scorer vs a direct forward pass."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.config import PRESETS
+from models.llama import Llama
+from trainer.constitution import Constitution, Principle, load_constitution
+from trainer.feedback import (
+    FeedbackConfig,
+    FeedbackError,
+    LabelRecord,
+    LlamaOptionScorer,
+    ResponsePair,
+    clamp_probability,
+    clean_reasoning,
+    debias_order,
+    ensemble,
+    label_pairs,
+    option_probabilities,
+)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# -- math ------------------------------------------------------------------------------------------
+def test_option_probabilities_normalise_over_options():
+    np.testing.assert_allclose(option_probabilities(np.log([[0.2, 0.6]])), [[0.25, 0.75]])
+    # log-probs -1, -2: p_A = e^-1 / (e^-1 + e^-2) = 1 / (1 + e^-1)
+    np.testing.assert_allclose(option_probabilities([[-1.0, -2.0]])[0, 0], 1 / (1 + math.exp(-1)))
+    # Very negative log-probs (long options) stay finite: only differences matter.
+    np.testing.assert_allclose(option_probabilities([[-1000.0, -1000.0 - math.log(3)], [0.0, 0.0]]), [[0.75, 0.25], [0.5, 0.5]])
+    np.testing.assert_allclose(option_probabilities([[-1.0, -1.0, -1.0]]), [[1 / 3] * 3])
+
+
+def test_ensemble_clamp_debias():
+    np.testing.assert_allclose(ensemble(np.array([[0.9, 0.5, 0.4], [0.2, 0.2, 0.8]])), [0.6, 0.4])
+    np.testing.assert_allclose(clamp_probability(np.array([0.1, 0.45, 0.99]), 0.4, 0.6), [0.4, 0.45, 0.6])
+    np.testing.assert_allclose(debias_order(np.array([0.9, 0.3]), np.array([0.7, 0.5])), [0.8, 0.4])
+
+
+# -- labelling with a fake feedback model ----------------------------------------------------------
+QUALITY = {"GOOD": math.log(3.0), "BAD": 0.0}
+POSITION_BIAS = math.log(2.0)  # the fake model likes option (A)
+
+
+class FakeScorer:
+    """log p(' (X)') = quality of the answer shown as X (+ a bias for A); principle 'weak' sees no quality difference."""
+
+    def __init__(self):
+        self.contexts: list[str] = []
+
+    def render(self, chat):
+        return "".join(f"[{m['role']}]{m['content']}" for m in chat) + "[assistant]"
+
+    def score(self, contexts, options):
+        assert options == [" (A)", " (B)"]
+        self.contexts += contexts
+        out = []
+        for context in contexts:
+            shown_a = re.findall(r"^\(A\) (\w+)$", context, re.M)[-1]  # the last question, after any few-shot ones
+            shown_b = re.findall(r"^\(B\) (\w+)$", context, re.M)[-1]
+            scale = 0.0 if "WEAK principle" in context.rsplit("Consider the following", 1)[-1] else 1.0
+            out.append([scale * QUALITY[shown_a] + POSITION_BIAS, scale * QUALITY[shown_b]])
+        return np.array(out)
+
+
+def _two_principle_constitution(examples=()) -> Constitution:
+    return Constitution(
+        name="t", version="1",
+        principles=(
+            Principle("strong", "c", "r", "Which is better by the STRONG principle?"),
+            Principle("weak", "c", "r", "Which is better by the WEAK principle?"),
+        ),
+        feedback_examples=examples,
+    )
+
+
+PAIRS = [ResponsePair("u0", "Question zero?", "GOOD", "BAD"), ResponsePair("u1", "Question one?", "BAD", "GOOD")]
+
+
+def test_labels_debiased_and_ensembled_by_hand():
+    constitution = _two_principle_constitution()
+    scorer = FakeScorer()
+    labels = label_pairs(PAIRS, constitution, scorer, FeedbackConfig(num_principles=2, num_few_shot=0))
+    assert len(scorer.contexts) == 2 * 2 * 2  # pairs x principles x orders, in one call
+    # strong: as shown, p(A)=6/(6+1); swapped, p(B)=3/(2+3) -> (6/7 + 3/5)/2 = 51/70. weak: (2/3 + 1/3)/2 = 1/2.
+    first = labels[0]
+    assert first.principle_ids == ("strong", "weak")
+    np.testing.assert_allclose(first.per_principle_probs, [51 / 70, 0.5])
+    np.testing.assert_allclose(first.p_a, (51 / 70 + 0.5) / 2)
+    np.testing.assert_allclose(labels[1].p_a, 1 - first.p_a)  # the same pair the other way round
+    assert first.constitution_hash == constitution.hash and first.reasoning == ()
+    assert scorer.contexts[0].endswith("Answer with (A) or (B).[assistant]The answer is:")
+    assert LabelRecord.from_json(first.to_json()) == first
+
+
+def test_labels_without_debiasing_keep_the_position_bias():
+    labels = label_pairs(PAIRS[:1], _two_principle_constitution(), FakeScorer(),
+                         FeedbackConfig(num_principles=2, num_few_shot=0, debias_order=False))
+    np.testing.assert_allclose(labels[0].per_principle_probs, [6 / 7, 2 / 3])
+
+
+class FakeReasoner:
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, chats, max_new_tokens):
+        self.calls += 1
+        assert chats[0][-1]["content"].endswith("then give the answer as (A) or (B).")
+        return ["Option (A) looks kinder. So the answer is: (A)\n\nHuman: more"] * len(chats)
+
+
+def test_chain_of_thought_then_clamp():
+    scorer, reasoner = FakeScorer(), FakeReasoner()
+    config = FeedbackConfig(num_principles=2, num_few_shot=0, chain_of_thought=True, cot_clamp=(0.4, 0.6))
+    labels = label_pairs(PAIRS[:1], _two_principle_constitution(), scorer, config, generator=reasoner)
+    assert reasoner.calls == 1
+    assert scorer.contexts[0].endswith("[assistant]Option (A) looks kinder.\nSo the answer is:")
+    np.testing.assert_allclose(labels[0].per_principle_probs, [0.6, 0.5])  # 51/70 clamped to 0.6
+    np.testing.assert_allclose(labels[0].p_a, 0.55)
+    assert labels[0].reasoning == ("Option (A) looks kinder.",) * 4
+    with pytest.raises(FeedbackError, match="needs a generator"):
+        label_pairs(PAIRS, _two_principle_constitution(), scorer, config)
+
+
+def test_few_shot_and_principle_sampling():
+    constitution = load_constitution("default")
+    scorer = FakeScorer()
+    config = FeedbackConfig(num_principles=3, num_few_shot=2, seed=1)
+    labels = label_pairs(PAIRS, constitution, scorer, config)
+    assert all(len(set(r.principle_ids)) == 3 for r in labels)
+    again = label_pairs(PAIRS[::-1], constitution, FakeScorer(), config)
+    assert {r.uid: r.principle_ids for r in labels} == {r.uid: r.principle_ids for r in again}
+    assert scorer.contexts[0].count("Consider the following conversation") == 3  # 2 examples + the question
+    assert clean_reasoning("Reasoning text. Therefore, the answer is (B)") == "Reasoning text."
+    with pytest.raises(FeedbackError, match="num_principles"):
+        FeedbackConfig(num_principles=0)
+    with pytest.raises(FeedbackError, match="cot_clamp"):
+        FeedbackConfig(cot_clamp=(0.6, 0.4))
+
+
+# -- the real JAX scorer ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_and_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from models.tokenizer_hf import HFTokenizer
+
+    words = "the answer is option which response better harm help please consider conversation human assistant".split()
+    corpus = [" ".join(words[(i * 5 + j) % len(words)] for j in range(10)) for i in range(200)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = HFTokenizer(backend, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|im_end|>",
+                            chat_template=CHATML, add_bos_token=False)
+    model = Llama(PRESETS["tiny"].replace(vocab_size=320), nnx.Rngs(0))
+    return model, tokenizer
+
+
+@jax.jit
+def _full_log_softmax(graphdef, state, tokens_BxL):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens_BxL), axis=-1)
+
+
+def _direct_option_logprobs(model, tokenizer, contexts, options) -> np.ndarray:
+    """Reference: full-sequence logits of every (context + option), log-softmax everywhere, summed in numpy.
+
+    All rows are right-padded to one length (one compile); causal attention keeps padding out of earlier positions.
+    """
+    rows = [(tokenizer.encode(c), tokenizer.encode(o)) for c in contexts for o in options]
+    length = max(len(c) + len(o) for c, o in rows)
+    tokens = np.zeros((len(rows), length), np.int32)
+    for i, (c, o) in enumerate(rows):
+        tokens[i, : len(c) + len(o)] = c + o
+    logp_BxLxV = np.asarray(_full_log_softmax(*nnx.split(model), jnp.asarray(tokens)))
+    out = [sum(logp_BxLxV[i, len(c) - 1 + k, t] for k, t in enumerate(o)) for i, (c, o) in enumerate(rows)]
+    return np.array(out).reshape(len(contexts), len(options))
+
+
+def test_llama_option_scorer_matches_a_direct_forward_pass(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    scorer = LlamaOptionScorer(model, tokenizer, batch_size=4, min_length=16)
+    contexts = [
+        scorer.render([{"role": "user", "content": "Which answer is better? (A) help (B) harm"}]) + "The answer is:",
+        "the answer is",
+        "consider the conversation between the human and the assistant, which response is better " * 3,
+    ]
+    options = [" (A)", " (B)", " the better response"]
+    scores = scorer.score(contexts, options)  # 9 rows -> 3 chunks of 4 with padding rows, several lengths
+    assert scores.shape == (3, 3) and scores.dtype == np.float32
+    expected = _direct_option_logprobs(model, tokenizer, contexts, options)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-4)
+    assert np.all(scores < 0)
+    # Rows are independent of what they are batched with.
+    np.testing.assert_allclose(scorer.score(contexts[1:2], options[:1]), scores[1:2, :1], rtol=1e-5, atol=1e-5)
+    assert scorer.render([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_llama_option_scorer_labels_end_to_end_and_errors(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    scorer = LlamaOptionScorer(model, tokenizer, batch_size=8)
+    labels = label_pairs(PAIRS, load_constitution("default"), scorer, FeedbackConfig(num_principles=2, num_few_shot=0))
+    for label in labels:
+        assert 0.0 < label.p_a < 1.0 and len(label.per_principle_probs) == 2
+    with pytest.raises(FeedbackError, match="max_position_embeddings"):
+        scorer.score(["the answer " * 400], [" (A)"])
+    with pytest.raises(FeedbackError, match="encode to no tokens"):
+        scorer.score(["x"], [""])
