@@ -22,8 +22,13 @@ from models.sharding import MeshRules, constrain
 
 
 class LayerCache(NamedTuple):
-    k_BxSxKxH: jax.Array
-    v_BxSxKxH: jax.Array
+    # Heads-major (B, K, S, H): each (row, kv head) slab of keys/values is contiguous, so decode-time
+    # attention reads the cache in place instead of transposing all of it every step.
+    k_BxKxSxH: jax.Array
+    v_BxKxSxH: jax.Array
+
+
+LAYER_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of LayerCache arrays
 
 
 class KVCache(NamedTuple):
@@ -35,7 +40,7 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
         dtype = dtype or jnp.dtype(config.dtype)
-        shape = (batch, slots, config.num_kv_heads, config.resolved_head_dim)
+        shape = (batch, config.num_kv_heads, slots, config.resolved_head_dim)
         layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
         return cls(layers, jnp.zeros((batch, slots), jnp.bool_))
 
@@ -86,27 +91,49 @@ class Attention(nnx.Module):
         k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k_DxKxH[...].astype(dt))
         v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v_DxKxH[...].astype(dt))
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
-        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
+        k_BxKxTxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq).transpose(0, 2, 1, 3)
+        v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
 
         num_new = x_BxTxD.shape[1]
         if cache is None:
-            k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+            k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
             query_slots_T = jnp.arange(num_new)
         else:
-            start = (0, cache_index, 0, 0)
-            k_BxSxKxH = jax.lax.dynamic_update_slice(cache.k_BxSxKxH, k_BxTxKxH.astype(cache.k_BxSxKxH.dtype), start)
-            v_BxSxKxH = jax.lax.dynamic_update_slice(cache.v_BxSxKxH, v_BxTxKxH.astype(cache.v_BxSxKxH.dtype), start)
-            new_cache = LayerCache(k_BxSxKxH, v_BxSxKxH)
+            start = (0, 0, cache_index, 0)
+            k_BxKxSxH = jax.lax.dynamic_update_slice(cache.k_BxKxSxH, k_BxKxTxH.astype(cache.k_BxKxSxH.dtype), start)
+            v_BxKxSxH = jax.lax.dynamic_update_slice(cache.v_BxKxSxH, v_BxKxTxH.astype(cache.v_BxKxSxH.dtype), start)
+            new_cache = LayerCache(k_BxKxSxH, v_BxKxSxH)
             query_slots_T = cache_index + jnp.arange(num_new)
-        key_slots_S = jnp.arange(k_BxSxKxH.shape[1])
+        key_slots_S = jnp.arange(k_BxKxSxH.shape[2])
         causal_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
-        mask_Bx1xTxS = (causal_TxS[None] & key_valid_BxS[:, None, :])[:, None]
+        mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
 
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_Bx1xTxS
-        )
-        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_NxHxD[...].astype(dt))
+        out_BxTxNxH = grouped_query_attention(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS)
+        # One (N*H) contraction on explicitly flattened operands: given two contracting dims, XLA may
+        # pick the (H, N) order and transpose the whole weight matrix on every decode step.
+        b, t, n, h = out_BxTxNxH.shape
+        o_FxD = self.o_NxHxD[...].astype(dt).reshape(n * h, -1)
+        out_BxTxD = jnp.einsum("btf,fd->btd", out_BxTxNxH.reshape(b, t, n * h), o_FxD)
         return out_BxTxD, new_cache
+
+
+def grouped_query_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS) -> jax.Array:
+    """softmax(q k^T / sqrt(H), masked) v, where query heads n = k*G + g share kv head k (G = N / K).
+
+    Logits and softmax are fp32 whatever the compute dtype; masked keys get a large finite negative
+    logit (not -inf) so a query with no valid key (a left-padding position) yields finite output.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxKxSxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    logits_BxKxGxTxS = jnp.einsum(
+        "btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32
+    ) * jnp.float32(1.0 / h**0.5)
+    large_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, large_negative)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from models.errors import UserError
-from models.llama import KVCache, LayerCache, Llama, default_positions
+from models.llama import LAYER_CACHE_AXES, KVCache, Llama, default_positions
 from models.sampling import SamplingMode, SamplingParams, sample_step
 from models.sharding import MeshRules, state_shardings
 
@@ -115,7 +115,7 @@ def _generate_program(graphdef, static: _Static, mesh_rules: MeshRules | None, s
     cache = KVCache.zeros(config, batch, prompt_slots + num_new)
     if mesh_rules is not None:
         cache = jax.tree.map(
-            lambda x: mesh_rules.constrain(x, ("batch", "length", "kv_heads", "head_dim")[: x.ndim]), cache
+            lambda x: mesh_rules.constrain(x, LAYER_CACHE_AXES if x.ndim == 4 else ("batch", "length")), cache
         )
 
     # Prefill: only the last slot's logits are needed (left padding puts every row's last token there).
