@@ -51,7 +51,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.config = config
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=config.every_steps,
+            save_interval_steps=1,  # the cadence is decided in `save` (Orbax would also save the first step)
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,
             create=True,
@@ -59,6 +59,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+        self._last_saved: int | None = None
 
     # ---------------------------------------------------------------------------------- saving
 
@@ -66,16 +67,32 @@ class Checkpointer:
         """Start saving `state` and `extras` at `step` if due (or `force`); True when a save started.
 
         Returns after the arrays are copied to host memory; the write continues in the background.
+        A step already saved (e.g. the final step when it is also a periodic one) is not saved twice.
         """
+        step = int(step)
+        if not force and step % self.config.every_steps:
+            return False
+        if step == self._last_saved or step in self._manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras or {}))
-        return self._manager.save(int(step), args=args, force=force)
+        started = self._manager.save(step, args=args, force=True)
+        if started:
+            self._last_saved = step
+        return started
 
     def wait(self) -> None:
         """Block until every started save is committed."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves and release Orbax's background threads."""
         self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -------------------------------------------------------------------------------- restoring
 

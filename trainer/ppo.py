@@ -87,6 +87,12 @@ def create_ppo_state(policy: TrainState, value: TrainState, kl_config: KLConfig)
     return PPOState(policy=policy, value=value, beta=beta)
 
 
+def abstract_ppo_state(policy: TrainState, value: TrainState) -> PPOState:
+    """PPO state of ShapeDtypeStructs from two `abstract_train_state`s, for `Checkpointer.restore`."""
+    beta = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated_like(policy))
+    return PPOState(policy=policy, value=value, beta=beta)
+
+
 def replicated_like(state: TrainState):
     mesh = jax.tree.leaves(state.params)[0].sharding.mesh
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
