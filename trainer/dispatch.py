@@ -35,12 +35,22 @@ class WorkersLostError(UserError, RuntimeError):
 @dataclasses.dataclass
 class DispatchStats:
     tasks: int = 0
-    worker_deaths: int = 0
+    worker_deaths: int = 0  # tasks lost to a dead or restarting worker
     timeouts: int = 0
     stale_dropped: int = 0  # uids whose results were dropped as too old
     redispatched: int = 0  # uids sent again after a death, timeout or staleness
+
     generated_tokens: int = 0
     seconds: float = 0.0
+
+
+def _is_permanent_death(err: BaseException) -> bool:
+    """ActorDiedError: Ray will not restart it (restarts used up); anything else may come back."""
+    import ray.exceptions as rex
+
+    kind = getattr(rex, "ActorDiedError", None)
+    return kind is not None and isinstance(err, kind) and not isinstance(
+        err, getattr(rex, "ActorUnavailableError", ()))
 
 
 def _is_actor_death(err: BaseException) -> bool:
@@ -75,8 +85,12 @@ class WorkerPool:
         in_flight: dict = {}  # ObjectRef -> (worker index, uids, dispatch time)
         killed: set = set()
         idle = set(self._alive())
+        cooling: dict[int, float] = {}  # worker -> time before which it gets no task (restarting)
         while not ledger.finished:
+            now = time.monotonic()
             for w in sorted(idle):
+                if cooling.get(w, 0.0) > now:
+                    continue
                 uids = ledger.take(batch_size, worker=self.names[w])
                 if not uids:
                     break
@@ -87,6 +101,8 @@ class WorkerPool:
             if not in_flight:
                 if ledger.finished:
                     break
+                if cooling:
+                    time.sleep(0.1)
                 if not self._alive():
                     raise WorkersLostError(
                         f"every rollout worker died more than rollout.max_restarts = {self.max_restarts} times; "
@@ -107,6 +123,7 @@ class WorkerPool:
                     self._on_death(w, uids, ledger, err)
                     if w not in self.retired:
                         idle.add(w)
+                        cooling[w] = time.monotonic() + 0.5  # let Ray finish restarting it
                     continue
                 idle.add(w)
                 self._accept(result, uids, ledger, on_record, current_version(), progress)
@@ -127,7 +144,7 @@ class WorkerPool:
         back = ledger.release(uids)
         self.stats.redispatched += len(back)
         log.warning("%s died (%s); %d prompts go back to the queue", self.names[w], type(err).__name__, len(back))
-        if self.deaths[w] > self.max_restarts:
+        if self.deaths[w] > self.max_restarts + 1 or _is_permanent_death(err):
             self.retired.add(w)
             log.warning("%s retired after %d deaths", self.names[w], self.deaths[w])
 
