@@ -265,3 +265,30 @@ def test_bad_requests_are_user_errors(model, sampler):
     bigger = Llama(preset("tiny").replace(hidden_size=32), nnx.Rngs(0))
     with pytest.raises(SamplerError, match="update_weights"):
         sampler.update_weights(bigger)
+
+
+@pytest.mark.real_model
+def test_embedded_model_greedy_equals_full_recompute_and_transformers(smollm2, embedded_model_dir):
+    """SmolLM2-135M-Instruct: cached decoding == no-cache recompute == transformers' greedy generate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = smollm2.tokenizer
+    questions = ["What is the capital of France?", "Write a haiku about the sea, please."]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    steps = 24
+    sampler = Sampler(smollm2.model, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    samples = sampler.generate(prompts, SamplingParams(max_new_tokens=steps))
+
+    hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir, torch_dtype=torch.float32)
+    for row, prompt in enumerate(prompts):
+        ours = samples.tokens[row, : samples.lengths[row]].tolist()
+        assert ours == _greedy_by_full_recompute(smollm2.model, prompt, steps, stop_ids=tuple(tok.stop_ids))
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                              eos_token_id=list(tok.stop_ids), pad_token_id=tok.pad_id)
+        assert ours == out[0, len(prompt):].tolist(), (tok.decode(ours), tok.decode(out[0, len(prompt):].tolist()))
+        logits = _teacher_forced_logits(smollm2.model, prompt, ours)
+        policy = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ours)), ours]
+        np.testing.assert_allclose(samples.policy_logprobs[row, : len(ours)], policy, atol=1e-4)
+    assert "Paris" in tok.decode(samples.tokens[0, : samples.lengths[0]].tolist())
