@@ -19,6 +19,7 @@ COMMANDS = (
     "trainer.commands.generate",
     "trainer.commands.export",
     "trainer.commands.train",
+    "trainer.commands.bench",
 )
 
 
