@@ -124,6 +124,35 @@ def test_sft_lowers_nll(eight_devices):
     assert int(metrics["step"]) == 5
 
 
+def test_remat_matches_and_bf16_compute_keeps_fp32_params(eight_devices):
+    mesh_rules = mesh_rules_for((1, 1, 1))
+    results = {}
+    for name, config in {"plain": TINY, "remat": TINY.replace(remat=True),
+                         "bf16": TINY.replace(dtype="bfloat16", remat=True)}.items():
+        state = create_train_state(lambda r, c=config: Llama(c, r, mesh_rules), OptimizerConfig(eps=EPS), mesh_rules, 0)
+        state, metrics = make_sft_step(state, mesh_rules)(state, sft_batch())
+        results[name] = (host(state.params), host(metrics))
+    assert_trees_close(results["remat"][0], results["plain"][0])
+    np.testing.assert_allclose(results["remat"][1]["grad_norm"], results["plain"][1]["grad_norm"], rtol=1e-5)
+    bf16_params, bf16_metrics = results["bf16"]
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(bf16_params))
+    # Same math at lower precision: close to the fp32 loss, not equal.
+    np.testing.assert_allclose(bf16_metrics["loss"], results["plain"][1]["loss"], rtol=2e-2)
+
+
+def test_train_state_from_existing_model(eight_devices):
+    from models.sharding import create_sharded
+    from trainer.state import train_state_from_model
+
+    mesh_rules = mesh_rules_for((2, 2, 2))
+    model = create_sharded(lambda: Llama(TINY, __import__("flax").nnx.Rngs(params=7), mesh_rules), mesh_rules)
+    state = train_state_from_model(model, OptimizerConfig(), mesh_rules)
+    embed = state.params["embed_VxD"][...]
+    assert embed.sharding.spec == mesh_rules.rules.spec(("vocab", "embed"))
+    mu = state.opt_state[1][0].mu["embed_VxD"][...]
+    assert mu.sharding.spec == embed.sharding.spec  # Adam moments sharded like their parameter
+
+
 # ------------------------------------------------------------------------------------ preferences
 
 

@@ -102,6 +102,24 @@ def create_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimize
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), mesh_rules))()
 
 
+def train_state_from_model(model: nnx.Module, optimizer_config: OptimizerConfig, mesh_rules: MeshRules,
+                           seed: int = 0) -> TrainState:
+    """A train state around an existing model (e.g. pretrained weights already placed by
+    `models.sharding`): the optimizer state is created on the parameters' own shardings."""
+    tx = make_optimizer(optimizer_config)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("train_state_from_model: the model holds non-parameter state, which training does not carry")
+    train_key = jax.random.split(jax.random.PRNGKey(seed))[1]
+
+    def init(p):
+        return TrainState(params=p, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32), rng=train_key,
+                          nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx,
+                          grad_accum_steps=optimizer_config.grad_accum_steps)
+
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), mesh_rules))(params)
+
+
 def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[TrainState, dict]:
     """One optimizer update, skipped when the loss or the gradient norm is not finite.
 
