@@ -201,7 +201,8 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     return configlib.load(RunConfig, path, overrides)
 
 
-_SECRET = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
+# Whole-word key names only: `auth_token` is a secret, `max_new_tokens` is not.
+_SECRET = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 
 
 def redacted(data):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from trainer import configlib
-from trainer.config import RunConfig, to_yaml
+from trainer.config import RunConfig, redacted, to_yaml
 from trainer.pipeline_state import StageRecord
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists():
         previous = configlib.read_yaml(saved)[0]
-        current = configlib.to_dict(config)
+        current = redacted(configlib.to_dict(config))
         for section in ("model", "constitution", "data"):
             if _normalise(previous.get(section)) != _normalise(current.get(section)):
                 raise RunDirError(
