@@ -65,3 +65,13 @@ def test_unmatched_and_colliding_axes_raise():
         rules.spec(("length", "embed"))
     with pytest.raises(ShardingRulesError, match="both map to mesh axis 'tensor'"):
         rules.spec(("heads", "mlp"))
+
+
+def test_every_shipped_rules_table_parses_and_covers_the_model(eight_devices):
+    from pathlib import Path
+
+    tables = sorted((Path(__file__).resolve().parent.parent / "configs" / "sharding").glob("*.yaml"))
+    assert len(tables) >= 2
+    for table in tables:
+        mesh_rules = build_mesh_rules(MeshConfig(data=-1, fsdp=2, tensor=2, rules=str(table)))
+        check_model(mesh_rules, preset("tiny"))
