@@ -40,6 +40,12 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(2**i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1))
 
 
+def _ladder(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two and the 1.5x steps between them (16, 24, 32, 48, ...): at most 1/3 padding."""
+    sizes = [s for p in _powers_of_two(lo, hi) for s in (p, p * 3 // 2)]
+    return tuple(s for s in sizes if s <= hi)
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """Allowed compiled shapes; each request is rounded up to the next size in each list.
@@ -47,7 +53,8 @@ class Buckets:
     A batch larger than the largest batch bucket is split into several programs' worth of rows.
     """
 
-    prompt_lengths: tuple[int, ...] = _powers_of_two(16, 8192)
+    # Prefill cost grows with the padded prompt length, so prompt buckets are finer than the rest.
+    prompt_lengths: tuple[int, ...] = _ladder(16, 8192)
     batch_sizes: tuple[int, ...] = _powers_of_two(1, 512)
     new_tokens: tuple[int, ...] = _powers_of_two(16, 8192)
 
@@ -209,18 +216,29 @@ class Sampler:
         return jax.device_put(state, state_shardings(state, self.mesh_rules))
 
     def update_weights(self, model_or_state) -> None:
-        """Replace the policy weights (an NNX model or its `nnx.state`) without recompiling."""
-        state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-        old = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), self._state)
-        try:
-            new = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), state)
-        except Exception as err:  # not a pytree of arrays
-            raise SamplerError(f"sampler: update_weights expects an NNX model or state, got {type(model_or_state).__name__}") from err
-        if jax.tree.structure(old) != jax.tree.structure(new) or jax.tree.leaves(old) != jax.tree.leaves(new):
+        """Replace the policy weights (an NNX model or its `nnx.state`) without recompiling.
+
+        Values are matched to the sampler's parameters by path; the sampler keeps its own Variable
+        metadata, so the compiled programs' input structure never changes.
+        """
+        if isinstance(model_or_state, nnx.Module):
+            model_or_state = nnx.state(model_or_state)
+        if not isinstance(model_or_state, nnx.State):
+            raise SamplerError(f"sampler: update_weights expects an NNX model or state, got {type(model_or_state).__name__}")
+        new = dict(nnx.to_flat_state(model_or_state))
+        old = list(nnx.to_flat_state(self._state))
+        problems = sorted({".".join(map(str, p)) for p in set(new) ^ {p for p, _ in old}})
+        problems += [
+            f"{'.'.join(map(str, p))}: {tuple(new[p].shape)} {jnp.dtype(new[p].dtype)} != {tuple(v.shape)} {jnp.dtype(v.dtype)}"
+            for p, v in old
+            if p in new and (tuple(new[p].shape) != tuple(v.shape) or jnp.dtype(new[p].dtype) != jnp.dtype(v.dtype))
+        ]
+        if problems:
             raise SamplerError(
-                "sampler: update_weights got weights whose parameter names, shapes or dtypes differ from the "
-                "sampler's model; build the sampler from a model of the same config"
+                "sampler: update_weights got weights that do not fit the sampler's model (build the sampler from "
+                f"a model of the same config); mismatched parameters: {', '.join(problems[:5])}"
             )
+        state = nnx.from_flat_state([(p, v.replace(new[p][...])) for p, v in old])
         self._state = self._place(state)
 
     # -- generation ----------------------------------------------------------------------------

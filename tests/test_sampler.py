@@ -206,7 +206,8 @@ def test_compiles_once_per_bucket_and_weights_update_without_recompiling(model):
     sampler.generate(batches[0], SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.5))
     assert sampler.num_traces == 2
     other = _sharp_tiny_model(seed=1)
-    sampler.update_weights(other)
+    # As a rollout worker receives them: a state rebuilt from (path, value) pairs.
+    sampler.update_weights(nnx.from_flat_state(list(nnx.to_flat_state(nnx.state(other)))))
     updated = sampler.generate(batches[2], params)
     assert sampler.num_traces == 2
     assert not np.array_equal(updated.tokens, first[2].tokens)
