@@ -71,3 +71,20 @@ def test_sharded_params_round_trip_to_host(mesh_rules):
         assert np.array_equal(back[path], w), path
     assert all(len(v[...].sharding.device_set) == 8 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert jax.device_count() == 8
+
+
+def test_scalar_model_backbone_from_a_checkpoint(tiny_dir, mesh_rules):
+    """Value / reward models: checkpoint params under ("backbone",), the head supplied by the caller."""
+    from models.llama import ScalarModel
+    from models.sources import build_module, load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_dir))
+    head_D = np.random.default_rng(0).standard_normal(ckpt.config.hidden_size).astype(np.float32)
+    params = {("backbone", *path): w for path, w in ckpt.params.items()}
+    params[("head_D",)], params[("head_bias",)] = head_D, np.float32(0.5)
+    value_model = build_module(lambda: ScalarModel(ckpt.config, nnx.Rngs(0), mesh_rules), params, mesh_rules)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 8)))
+    values = np.asarray(nnx.jit(lambda m, t: m(t))(value_model, tokens))
+    hidden, _ = build_llama(ckpt.config, ckpt.params).hidden(tokens)
+    np.testing.assert_allclose(values, np.asarray(hidden) @ head_D + 0.5, atol=1e-5, rtol=0)
+    assert value_model.backbone.embed_VxD[...].sharding.spec == P("tensor", "fsdp")
