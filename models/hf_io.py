@@ -30,6 +30,7 @@ from models.errors import UserError
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -68,12 +69,14 @@ def _rope_from_hf(data: Mapping[str, Any], source: str) -> tuple[float, RopeScal
 
 def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig from a transformers config.json dict; rejects architectures and options we cannot run."""
-    architectures = data.get("architectures") or [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        data.get("model_type"), f"model_type={data.get('model_type')!r}")]
-    arch = architectures[0]
+    architectures = data.get("architectures")
+    if architectures:
+        arch = architectures[0]
+    else:  # configs saved from a bare config object name only their model_type
+        arch = _ARCH_OF_MODEL_TYPE.get(data.get("model_type"), f"model_type {data.get('model_type')}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise HFModelError(
-            f"{source}: unsupported architecture {arch!r}; cairl runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{source}: unsupported architecture '{arch}'; cairl runs {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     for flag in ("attention_bias", "mlp_bias"):
         if data.get(flag):
