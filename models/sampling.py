@@ -81,6 +81,37 @@ def _top_p_threshold(sorted_desc_BxK: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.take_along_axis(sorted_desc_BxK, (num_kept_B - 1)[:, None], axis=-1)
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the same order as the finite float32 values x (flip the magnitude bits of negatives)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: larger magnitude -> smaller int
+    return jax.lax.bitcast_convert_type(ordered, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _nucleus_by_bisection(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep-mask of nucleus filtering without a sort over the vocabulary.
+
+    The kept set is {j : l_j >= t*} with t* the largest logit t such that the mass of the tokens at or
+    above it reaches top_p, i.e. t* = max{t : sum_{l_j >= t} softmax(l)_j >= top_p}: exactly the
+    smallest most-likely set whose mass reaches top_p (the sorted-cumsum definition of
+    `_top_p_threshold`). t* is found by bisection over the 32-bit order keys of the logits, so 32
+    masked sums replace a vocabulary sort (about 9x cheaper on CPU at V = 49152).
+    """
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    keys_BxV = _order_keys(logits_BxV)
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds  # invariant: mass(keys >= lo) >= top_p, and t* <= hi
+        mid_B = lo_B + (hi_B - lo_B + 1) // 2
+        mass_B = jnp.sum(jnp.where(keys_BxV >= mid_B[:, None], probs_BxV, 0.0), axis=-1)
+        enough_B = mass_B >= top_p
+        return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B - 1)
+
+    bounds = (jnp.min(keys_BxV, axis=-1), jnp.max(keys_BxV, axis=-1))
+    lo_B, _ = jax.lax.fori_loop(0, 32, halve, bounds)
+    return keys_BxV >= lo_B[:, None]
+
+
 def filter_logits(logits_BxV: jax.Array, mode: SamplingMode, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """fp32 logits of the sampling distribution: logits / T with filtered-out tokens at -inf.
 
@@ -89,15 +120,17 @@ def filter_logits(logits_BxV: jax.Array, mode: SamplingMode, temperature: jax.Ar
     scaled_BxV = logits_BxV.astype(jnp.float32) / temperature
     if mode.top_k:
         top_BxK, _ = jax.lax.top_k(scaled_BxV, mode.top_k)
-        threshold_Bx1 = top_BxK[:, -1:]
+        # min, not top_BxK[:, -1]: XLA CPU turns top_k + slice into a full sort (60x slower).
+        threshold_Bx1 = jnp.min(top_BxK, axis=-1, keepdims=True)
         if mode.use_top_p:
             # The nucleus lies inside the top-k set, so only k sorted values are needed.
             threshold_Bx1 = _top_p_threshold(top_BxK, top_p)
+        keep_BxV = scaled_BxV >= threshold_Bx1
     elif mode.use_top_p:
-        threshold_Bx1 = _top_p_threshold(-jnp.sort(-scaled_BxV, axis=-1), top_p)
+        keep_BxV = _nucleus_by_bisection(scaled_BxV, top_p)
     else:
         return scaled_BxV
-    return jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, -jnp.inf)
+    return jnp.where(keep_BxV, scaled_BxV, -jnp.inf)
 
 
 def token_logprob(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:

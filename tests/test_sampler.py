@@ -127,6 +127,23 @@ def _reference_first_token_probs(model: Llama, prompt: list[int], temperature: f
     return probs / probs.sum()
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.05), (0, 0.5), (0, 0.9), (0, 0.995), (7, 1.0), (40, 0.8)])
+def test_filters_keep_exactly_the_sorted_definition(top_k, top_p):
+    """Bisection nucleus and top-k thresholds == a float64 sort of each row (distinct logits)."""
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 1000)) * np.array([[0.1], [1], [3], [8], [1], [2]]))
+    mode = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p).mode(1000)
+    kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), mode, jnp.float32(1.0), jnp.float32(top_p))))
+    for row in range(len(logits)):
+        order = np.argsort(-logits[row])
+        keep = np.zeros(1000, bool)
+        keep[order[: top_k or 1000]] = True
+        probs = np.exp(logits[row] - logits[row].max()) * keep
+        sorted_probs = probs[order] / probs.sum()
+        expected = np.zeros(1000, bool)
+        expected[order[(np.cumsum(sorted_probs) - sorted_probs < top_p) & keep[order]]] = True
+        np.testing.assert_array_equal(kept[row], expected)
+
+
 def _first_token_counts(sampler: Sampler, prompt, params: SamplingParams, n: int, seed: int) -> np.ndarray:
     samples = sampler.generate([prompt] * n, params, seed=seed)
     return np.bincount(samples.tokens[:, 0], minlength=sampler.config.vocab_size)
