@@ -36,8 +36,7 @@ class ModelSection:
     source: str = "smollm2-135m-instruct"  # initial policy: registry name, HF directory, .gguf file or run dir
     feedback_source: str = ""  # AI-feedback model; empty = the initial policy, frozen
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (fp32 on CPU, bf16 on accelerators)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh
-    sampler_mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1))  # per rollout worker
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh (rollout workers: one device)
 
     def __post_init__(self):
         if not self.source:

@@ -98,6 +98,10 @@ def _normalise(value):
 
 def start_ray(config: RunConfig):
     """A local Ray cluster on 127.0.0.1 without dashboard (token auth left on), or join `ray.address`."""
+    if not config.ray.address and config.ray.host in ("127.0.0.1", "localhost"):
+        # Ray otherwise swaps a loopback _node_ip_address for the machine's routable address; with
+        # clustering off it keeps every service on the loopback interface. Read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
