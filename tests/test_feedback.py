@@ -192,14 +192,14 @@ def _direct_option_logprobs(model, tokenizer, contexts, options) -> np.ndarray:
 
 def test_llama_option_scorer_matches_a_direct_forward_pass(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
-    scorer = LlamaOptionScorer(model, tokenizer, batch_size=4, min_length=16)
+    scorer = LlamaOptionScorer(model, tokenizer, batch_size=2, length_multiple=16)
     contexts = [
         scorer.render([{"role": "user", "content": "Which answer is better? (A) help (B) harm"}]) + "The answer is:",
         "the answer is",
         "consider the conversation between the human and the assistant, which response is better " * 3,
     ]
     options = [" (A)", " (B)", " the better response"]
-    scores = scorer.score(contexts, options)  # 9 rows -> 3 chunks of 4 with padding rows, several lengths
+    scores = scorer.score(contexts, options)  # chunks of 2 and 1, lengths in multiples of 16
     assert scores.shape == (3, 3) and scores.dtype == np.float32
     expected = _direct_option_logprobs(model, tokenizer, contexts, options)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-4)
@@ -217,5 +217,5 @@ def test_llama_option_scorer_labels_end_to_end_and_errors(tiny_model_and_tokeniz
         assert 0.0 < label.p_a < 1.0 and len(label.per_principle_probs) == 2
     with pytest.raises(FeedbackError, match="max_position_embeddings"):
         scorer.score(["the answer " * 400], [" (A)"])
-    with pytest.raises(FeedbackError, match="encode to no tokens"):
+    with pytest.raises(FeedbackError, match="encodes to no tokens"):
         scorer.score(["x"], [""])

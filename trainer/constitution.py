@@ -70,10 +70,15 @@ class Principle:
     critique_request: str = ""  # asks the model to critique its last answer against the rule
     revision_request: str = ""  # asks the model to rewrite that answer to follow the rule
     comparison: str = ""  # asks which of two answers follows the rule better (pairwise feedback)
+    good_instruction: str = ""  # contrastive feedback: asks for a reply that follows the rule
+    bad_instruction: str = ""  # contrastive feedback: asks for a reply that breaks it
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.id):
             raise ValueError(f"principle id {self.id!r} must be letters, digits, '_', '-' or '.'")
+        if bool(self.good_instruction.strip()) != bool(self.bad_instruction.strip()):
+            missing = "bad_instruction" if self.good_instruction.strip() else "good_instruction"
+            raise ValueError(f"principle {self.id!r} has only one of good_instruction / bad_instruction; missing field '{missing}'")
         if bool(self.critique_request.strip()) != bool(self.revision_request.strip()):
             missing = "revision_request" if self.critique_request.strip() else "critique_request"
             raise ValueError(
@@ -93,6 +98,10 @@ class Principle:
     @property
     def for_comparison(self) -> bool:
         return bool(self.comparison.strip())
+
+    @property
+    def for_contrast(self) -> bool:
+        return bool(self.good_instruction.strip())
 
 
 @dataclasses.dataclass(frozen=True)

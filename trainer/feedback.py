@@ -11,6 +11,13 @@ after "The answer is:", normalised over the options. Optionally:
     labels to 40-60%, because CoT makes them overconfident).
 The per-principle probabilities are averaged over the k principles (ensembling).
 
+`scoring="contrast"` is an alternative for feedback models too small for lettered multiple choice
+(SmolLM2-135M scores "(A)" vs "(B)" at chance even on "What is the capital of France?"): each
+answer r is scored by how much more likely it is when the user asked for a reply that follows the
+principle than when they asked for one that breaks it,
+    s(r) = log p(r | conversation + good_instruction) - log p(r | conversation + bad_instruction),
+and p(a better) = sigmoid(s(a) - s(b)). Principles need good_instruction / bad_instruction for it.
+
     scorer = LlamaOptionScorer(model, tokenizer)
     labels = label_pairs(pairs, constitution, scorer, FeedbackConfig(num_principles=4))
 """
@@ -18,9 +25,8 @@ The per-principle probabilities are averaged over the k principles (ensembling).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from models.errors import UserError
+from models.llama import KVCache, default_positions
 from trainer.constitution import Constitution, Principle
 from trainer.critique import TextGenerator, seeded_rng
 from trainer.prompts import (
@@ -35,6 +42,7 @@ from trainer.prompts import (
     COT_ANSWER_PREFIX,
     Chat,
     comparison_question,
+    contrast_chat,
     cut_at_markers,
     feedback_chat,
     feedback_few_shot,
@@ -67,6 +75,15 @@ def clamp_probability(p: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(p, low, high)
 
 
+def contrastive_probability(logp_good_Nx2: np.ndarray, logp_bad_Nx2: np.ndarray) -> np.ndarray:
+    """p(a better) = sigmoid(s_a - s_b) with s_r = log p(r | good instruction) - log p(r | bad instruction).
+
+    Columns are (a, b). The sigmoid is written as (1 + tanh(x / 2)) / 2, which cannot overflow.
+    """
+    s_Nx2 = np.asarray(logp_good_Nx2, np.float64) - np.asarray(logp_bad_Nx2, np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * (s_Nx2[:, 0] - s_Nx2[:, 1])))
+
+
 def ensemble(per_principle_NxK: np.ndarray) -> np.ndarray:
     """Mean over the k principles: p = (1/k) sum_j p_j."""
     return np.mean(per_principle_NxK, axis=-1)
@@ -79,98 +96,126 @@ class OptionScorer(Protocol):
     def render(self, chat: Chat) -> str:
         """The text the model sees before it writes its reply to `chat` (chat template + generation prompt)."""
 
-    def score(self, contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
-        """[n, n_options] float: log p(option | context) = sum of the option tokens' log-probs."""
+    def score(self, contexts: Sequence[str], options: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
+        """[n, n_options] float: log p(option | context) = sum of the option tokens' log-probs.
+
+        `options` is one list shared by every context, or one list per context (same length each).
+        """
 
 
-def _power_of_two_at_least(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def _option_logprobs(graphdef, state, tokens_BxL, mask_BxL, predict_at_BxK, targets_BxK, target_mask_BxK):
-    """sum_k log p(targets[b, k] | tokens[b, :predict_at[b, k] + 1]) over valid k: teacher forcing.
+def _option_logprobs(graphdef, state, context_BxP, context_mask_BxP, options_BxOxK, options_mask_BxOxK):
+    """[B, O]: sum_k log p(option[b, o, k] | context_b, option[b, o, :k]) over the option's real tokens (teacher forcing).
 
-    Logits are computed only at the K positions that predict option tokens (not over the whole
-    sequence), which keeps the [B, K, V] log-softmax small for large vocabularies.
+    Contexts are left-padded, so every context ends at slot P-1; the context is run once into a KV
+    cache, then each option's K tokens run against that cache at slots P..P+K-1 (the cache is a
+    value, so every option sees the context alone). The hidden state that predicts option token k
+    is the context's last one for k = 0 and option token k-1's otherwise. Logits are formed only
+    there, keeping the [B, K, V] log-softmax small for large vocabularies.
     """
     model = nnx.merge(graphdef, state)
-    hidden_BxLxD, _ = model.hidden(tokens_BxL, mask_BxL)
-    picked_BxKxD = jnp.take_along_axis(hidden_BxLxD, predict_at_BxK[..., None], axis=1)
-    logp_BxKxV = jax.nn.log_softmax(model.logits(picked_BxKxD), axis=-1)
-    token_logp_BxK = jnp.take_along_axis(logp_BxKxV, targets_BxK[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(target_mask_BxK, token_logp_BxK, 0.0), axis=-1)
+    batch, prompt_slots = context_BxP.shape
+    num_options, option_slots = options_BxOxK.shape[1:]
+    cache = KVCache.zeros(model.config, batch, prompt_slots + option_slots)
+    hidden_BxPxD, cache = model.hidden(context_BxP, context_mask_BxP, default_positions(context_mask_BxP), cache, 0)
+    context_len_B = jnp.sum(context_mask_BxP, axis=-1, dtype=jnp.int32)
+    positions_BxK = context_len_B[:, None] + jnp.arange(option_slots, dtype=jnp.int32)[None, :]
+    scores = []
+    for o in range(num_options):
+        tokens_BxK, mask_BxK = options_BxOxK[:, o], options_mask_BxOxK[:, o]
+        option_hidden_BxKxD, _ = model.hidden(tokens_BxK, mask_BxK, positions_BxK, cache, prompt_slots)
+        predictors_BxKxD = jnp.concatenate([hidden_BxPxD[:, -1:], option_hidden_BxKxD[:, :-1]], axis=1)
+        logp_BxKxV = jax.nn.log_softmax(model.logits(predictors_BxKxD), axis=-1)
+        token_logp_BxK = jnp.take_along_axis(logp_BxKxV, tokens_BxK[..., None], axis=-1)[..., 0]
+        scores.append(jnp.sum(jnp.where(mask_BxK, token_logp_BxK, 0.0), axis=-1))
+    return jnp.stack(scores, axis=-1)
 
 
 class LlamaOptionScorer:
-    """`OptionScorer` on a models.llama.Llama + Tokenizer: a jitted teacher-forced forward pass.
+    """`OptionScorer` on a models.llama.Llama + Tokenizer: one jitted teacher-forced program per shape.
 
-    Each (context, option) pair is one right-padded row; rows are batched `batch_size` at a time
-    and padded to power-of-two lengths, so a handful of shapes are compiled.
+    Contexts are batched up to `batch_size` (batch rounded up to a power of two) and left-padded to
+    a multiple of `length_multiple` tokens (options to a multiple of 16), so a run compiles a
+    handful of shapes. Each context is run once whatever the number of options: they are scored
+    from its KV cache.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, min_length: int = 64):
-        if batch_size < 1:
-            raise FeedbackError(f"option scorer: batch_size must be >= 1, got {batch_size}")
+    def __init__(self, model, tokenizer, batch_size: int = 8, length_multiple: int = 64):
+        if batch_size < 1 or length_multiple < 1:
+            raise FeedbackError(f"option scorer: batch_size and length_multiple must be >= 1, got {batch_size}, {length_multiple}")
         self.config = model.config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.min_length = min_length
+        self.length_multiple = length_multiple
         self._graphdef, self._state = nnx.split(model)
         self._program = jax.jit(_option_logprobs, static_argnums=(0,))
 
     def update_weights(self, model) -> None:
+        """Score with new weights of the same architecture (no recompile)."""
         self._graphdef, self._state = nnx.split(model)
 
     def render(self, chat: Chat) -> str:
         return self.tokenizer.render_chat(chat, add_generation_prompt=True)
 
-    def score(self, contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
-        if not options:
-            raise FeedbackError("option scorer: give at least one option")
-        option_ids = [self.tokenizer.encode(o) for o in options]
-        empty = [o for o, ids in zip(options, option_ids) if not ids]
-        if empty:
-            raise FeedbackError(f"option scorer: options {empty!r} encode to no tokens")
-        rows = []  # (context ids, option ids)
-        for context in contexts:
-            context_ids = self.tokenizer.encode(context, add_bos=self.tokenizer.add_bos_token)
-            if not context_ids:
-                raise FeedbackError("option scorer: a context encodes to no tokens; a context must hold some text")
-            rows += [(context_ids, ids) for ids in option_ids]
-        longest = max(len(c) + len(o) for c, o in rows) if rows else 0
+    def score(self, contexts: Sequence[str], options: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
+        per_context = _per_context_options(contexts, options)
+        encoded: dict[str, list[int]] = {}
+        for text in {o for row in per_context for o in row}:
+            encoded[text] = self.tokenizer.encode(text)
+            if not encoded[text]:
+                raise FeedbackError(f"option scorer: option {text!r} encodes to no tokens")
+        context_ids = [self.tokenizer.encode(c, add_bos=self.tokenizer.add_bos_token) for c in contexts]
+        if any(not ids for ids in context_ids):
+            raise FeedbackError("option scorer: a context encodes to no tokens; a context must hold some text")
+        longest = max((len(c) + max(len(encoded[o]) for o in row) for c, row in zip(context_ids, per_context)), default=0)
         if longest > self.config.max_position_embeddings:
             raise FeedbackError(
                 f"option scorer: a context plus option has {longest} tokens, more than the model's "
                 f"max_position_embeddings {self.config.max_position_embeddings}; use fewer few-shot examples or shorter answers"
             )
-        scores = np.zeros(len(rows), np.float32)
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            scores[start : start + len(chunk)] = self._score_chunk(chunk)
-        return scores.reshape(len(contexts), len(options))
+        scores = np.zeros((len(contexts), len(per_context[0]) if per_context else 0), np.float32)
+        for start in range(0, len(contexts), self.batch_size):
+            stop = start + self.batch_size
+            rows = [[encoded[o] for o in row] for row in per_context[start:stop]]
+            scores[start:stop] = self._score_chunk(context_ids[start:stop], rows)
+        return scores
 
-    def _score_chunk(self, chunk) -> np.ndarray:
-        length = _power_of_two_at_least(max(len(c) + len(o) for c, o in chunk), self.min_length)
-        length = min(length, self.config.max_position_embeddings)
-        num_option = _power_of_two_at_least(max(len(o) for _, o in chunk), 4)
-        batch = self.batch_size
-        tokens = np.full((batch, length), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((batch, length), np.bool_)
-        predict_at = np.zeros((batch, num_option), np.int32)
-        targets = np.zeros((batch, num_option), np.int32)
-        target_mask = np.zeros((batch, num_option), np.bool_)
-        mask[:, 0] = True  # batch-padding rows: one dummy token, no targets
-        for row, (context_ids, option_ids) in enumerate(chunk):
-            sequence = context_ids + option_ids
-            tokens[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = True
-            k = len(option_ids)
-            # The hidden state at position t predicts token t + 1.
-            predict_at[row, :k] = np.arange(len(context_ids) - 1, len(context_ids) - 1 + k)
-            targets[row, :k] = option_ids
-            target_mask[row, :k] = True
-        out = self._program(self._graphdef, self._state, tokens, mask, predict_at, targets, target_mask)
+    def _score_chunk(self, chunk, option_rows) -> np.ndarray:
+        batch = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)  # few batch shapes: powers of two
+        num_options = len(option_rows[0])
+        option_slots = _round_up(max(len(ids) for row in option_rows for ids in row), 16)
+        slots = _round_up(max(len(ids) for ids in chunk), self.length_multiple)
+        slots = max(min(slots, self.config.max_position_embeddings - option_slots), max(len(ids) for ids in chunk))
+        context_BxP = np.full((batch, slots), self.tokenizer.pad_id, np.int32)
+        mask_BxP = np.zeros((batch, slots), np.bool_)
+        mask_BxP[:, -1] = True  # batch-padding rows: one dummy token
+        options_BxOxK = np.zeros((batch, num_options, option_slots), np.int32)
+        options_mask_BxOxK = np.zeros((batch, num_options, option_slots), np.bool_)
+        for row, (ids, option_ids) in enumerate(zip(chunk, option_rows)):
+            context_BxP[row, slots - len(ids):] = ids
+            mask_BxP[row, slots - len(ids):] = True
+            for o, tokens in enumerate(option_ids):
+                options_BxOxK[row, o, : len(tokens)] = tokens
+                options_mask_BxOxK[row, o, : len(tokens)] = True
+        out = self._program(self._graphdef, self._state, context_BxP, mask_BxP, options_BxOxK, options_mask_BxOxK)
         return np.asarray(out)[: len(chunk)]
+
+
+def _per_context_options(contexts: Sequence[str], options) -> list[list[str]]:
+    """Options as one list per context: a list of strings is shared by every context."""
+    if not options:
+        raise FeedbackError("option scorer: give at least one option")
+    if all(isinstance(o, str) for o in options):
+        return [list(options)] * len(contexts)
+    rows = [list(row) for row in options]
+    if len(rows) != len(contexts):
+        raise FeedbackError(f"option scorer: {len(rows)} option lists for {len(contexts)} contexts")
+    if len({len(row) for row in rows}) > 1 or not rows[0]:
+        raise FeedbackError("option scorer: every context needs the same, non-zero number of options")
+    return rows
 
 
 # -- labelling ------------------------------------------------------------------------------------
@@ -178,6 +223,7 @@ class LlamaOptionScorer:
 class FeedbackConfig:
     """How preference labels are made."""
 
+    scoring: Literal["choice", "contrast"] = "choice"  # multiple choice (the CAI paper) or contrastive (small models)
     num_principles: int = 4  # k comparison principles per pair, averaged (ensembling)
     num_few_shot: int = 2  # feedback examples shown before each question (0 = none)
     debias_order: bool = True  # also ask with the answers swapped and average
@@ -189,6 +235,10 @@ class FeedbackConfig:
     def __post_init__(self):
         if self.num_principles < 1:
             raise FeedbackError(f"feedback: num_principles must be >= 1, got {self.num_principles}")
+        if self.scoring not in ("choice", "contrast"):
+            raise FeedbackError(f"feedback: scoring must be 'choice' or 'contrast', got {self.scoring!r}")
+        if self.scoring == "contrast" and self.chain_of_thought:
+            raise FeedbackError("feedback: chain_of_thought applies to scoring='choice' only")
         if self.num_few_shot < 0 or self.cot_tokens < 1:
             raise FeedbackError("feedback: num_few_shot must be >= 0 and cot_tokens >= 1")
         if self.cot_clamp is not None:
@@ -229,9 +279,23 @@ class LabelRecord:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def sample_comparison_principles(constitution: Constitution, seed: int, uid: str, k: int) -> list[Principle]:
-    """k distinct comparison principles for prompt `uid` (all of them if there are fewer than k)."""
-    pool = list(constitution.comparison_principles)
+def feedback_principles(constitution: Constitution, scoring: str) -> list[Principle]:
+    """The principles a scoring mode can use: comparison questions, or good/bad instruction pairs."""
+    if scoring == "contrast":
+        pool = [p for p in constitution.principles if p.for_contrast]
+        if not pool:
+            raise FeedbackError(
+                f"feedback: scoring='contrast' needs principles with good_instruction and bad_instruction; "
+                f"constitution {constitution.name!r} has none"
+            )
+        return pool
+    return list(constitution.comparison_principles)
+
+
+def sample_comparison_principles(constitution: Constitution, seed: int, uid: str, k: int,
+                                 scoring: str = "choice") -> list[Principle]:
+    """k distinct feedback principles for prompt `uid` (all of them if there are fewer than k)."""
+    pool = feedback_principles(constitution, scoring)
     return pool if k >= len(pool) else seeded_rng(seed, uid, "comparison").sample(pool, k)
 
 
@@ -292,7 +356,10 @@ def label_pairs(
         return []
     if config.chain_of_thought and generator is None:
         raise FeedbackError("feedback: chain_of_thought needs a generator to write the reasoning")
-    principles = [sample_comparison_principles(constitution, config.seed, p.uid, config.num_principles) for p in pairs]
+    principles = [sample_comparison_principles(constitution, config.seed, p.uid, config.num_principles, config.scoring)
+                  for p in pairs]
+    if config.scoring == "contrast":
+        return _label_by_contrast(pairs, principles, constitution, scorer)
     few_shot = feedback_few_shot(constitution, config.num_few_shot, config.chain_of_thought)
     jobs: list[_Question] = []
     questions = []
@@ -335,5 +402,29 @@ def label_pairs(
             per_principle_probs=tuple(float(p) for p in probs),
             constitution_hash=constitution.hash,
             reasoning=tuple(reasoning_by_pair[i]),
+        ))
+    return records
+
+
+def _label_by_contrast(pairs: Sequence[ResponsePair], principles: list[list[Principle]], constitution: Constitution,
+                       scorer: OptionScorer) -> list[LabelRecord]:
+    """Contrastive labels: per (pair, principle), both answers scored under the good and the bad instruction."""
+    contexts, answer_rows = [], []
+    for pair, chosen in zip(pairs, principles):
+        conversation = prompt_messages(pair.prompt)
+        for principle in chosen:
+            for instruction in (principle.good_instruction, principle.bad_instruction):
+                contexts.append(scorer.render(contrast_chat(conversation, instruction)))
+                answer_rows.append([pair.response_a.strip(), pair.response_b.strip()])  # the reply opens the assistant turn
+    logp_Mx2 = scorer.score(contexts, answer_rows)
+    p_a_all = contrastive_probability(logp_Mx2[0::2], logp_Mx2[1::2])  # rows alternate good, bad
+    records, offset = [], 0
+    for pair, chosen in zip(pairs, principles):
+        probs = p_a_all[offset : offset + len(chosen)]
+        offset += len(chosen)
+        records.append(LabelRecord(
+            uid=pair.uid, prompt=pair.prompt, response_a=pair.response_a, response_b=pair.response_b,
+            p_a=float(ensemble(probs)), principle_ids=tuple(p.id for p in chosen),
+            per_principle_probs=tuple(float(p) for p in probs), constitution_hash=constitution.hash,
         ))
     return records

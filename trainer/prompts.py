@@ -160,6 +160,14 @@ def feedback_chat(question: str, few_shot: Chat = ()) -> Chat:
     return [*few_shot, message("user", question)]
 
 
+def contrast_chat(conversation: Chat, instruction: str) -> Chat:
+    """The conversation with `instruction` appended to its last user turn (contrastive feedback)."""
+    if not conversation or conversation[-1]["role"] != "user":
+        raise ValueError("contrast_chat: the conversation must end with a user turn")
+    last = conversation[-1]
+    return [*conversation[:-1], message("user", f"{last['content'].rstrip()}\n\n{instruction.strip()}")]
+
+
 # -- cleaning generations -------------------------------------------------------------------------
 def cut_at_markers(text: str, markers: Sequence[str] = TURN_MARKERS) -> str:
     """`text` up to the first marker (the model starting another turn), stripped."""
