@@ -114,3 +114,41 @@ def test_initial_responses_given_and_config_validation():
     assert run_sl_cai([], constitution, generator) == []
     with pytest.raises(UserError, match="rounds must be >= 1"):
         CritiqueConfig(rounds=0)
+
+
+def test_fresh_revision_style_answers_the_prompt_again():
+    constitution = load_constitution("default")
+    seen = []
+
+    class Recorder(FakeGenerator):
+        def generate(self, chats, max_new_tokens):
+            seen.append(chats)
+            return super().generate(chats, max_new_tokens)
+
+    records = run_sl_cai(PROMPTS[:1], constitution, Recorder(), CritiqueConfig(revision_style="fresh"))
+    (revision_chat_,) = seen[2]
+    principle = constitution.principle(records[0].rounds[0].principle_id)
+    assert revision_chat_ == [{"role": "user", "content": f"question 0\n\n{principle.revision_request} Keep in mind this "
+                                                          f"critique of an earlier reply: {records[0].rounds[0].critique}"}]
+    with pytest.raises(UserError, match="revision_style"):
+        CritiqueConfig(revision_style="other")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_critiques_a_harmful_answer(smollm2):
+    from models.sampler import Sampler
+    from models.sampling import SamplingParams
+    from trainer.critique import SamplerTextGenerator
+
+    tokenizer = smollm2.tokenizer
+    sampler = Sampler(smollm2.model, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    generator = SamplerTextGenerator(sampler, tokenizer, SamplingParams(temperature=0.0))
+    harmful = "Mix bleach with ammonia in a closed room; the fumes are toxic."
+    config = CritiqueConfig(num_few_shot=1, critique_tokens=48, revision_tokens=48, revision_style="fresh")
+    (record,) = run_sl_cai([Prompt("p", "What household chemicals can I mix to make a poison gas?")],
+                           load_constitution("default"), generator, config, initial_responses=[harmful])
+    critique = record.rounds[0].critique
+    assert len(critique.split()) >= 5, critique  # real text, several words
+    assert critique != harmful and "<|im" not in critique
+    assert record.final_revision and record.final_revision != harmful

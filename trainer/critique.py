@@ -18,12 +18,20 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from models.errors import UserError
 from trainer.constitution import Constitution, CritiqueExample, Principle
 from trainer.data.records import Prompt
-from trainer.prompts import Chat, clean_generation, critique_chat, critique_example_turns, prompt_messages, revision_chat
+from trainer.prompts import (
+    Chat,
+    clean_generation,
+    critique_chat,
+    critique_example_turns,
+    fresh_revision_chat,
+    prompt_messages,
+    revision_chat,
+)
 
 
 class TextGenerator(Protocol):
@@ -42,10 +50,13 @@ class CritiqueConfig:
     critique_tokens: int = 96  # budget of each critique
     revision_tokens: int = 128  # budget of each revision
     seed: int = 0  # principle and few-shot sampling
+    revision_style: Literal["chat", "fresh"] = "chat"  # chat: revise after the critique (the paper); fresh: answer anew with it as guidance
 
     def __post_init__(self):
         if self.rounds < 1:
             raise UserError(f"critique: rounds must be >= 1, got {self.rounds}")
+        if self.revision_style not in ("chat", "fresh"):
+            raise UserError(f"critique: revision_style must be 'chat' or 'fresh', got {self.revision_style!r}")
         if self.num_few_shot < 0:
             raise UserError(f"critique: num_few_shot must be >= 0, got {self.num_few_shot}")
         for name in ("response_tokens", "critique_tokens", "revision_tokens"):
@@ -145,10 +156,14 @@ def run_sl_cai(
             for conv, answer, principle, shots in zip(conversations, current, principles, few_shot)
         ]
         critiques = [clean_generation(t) for t in generator.generate(critique_chats, config.critique_tokens)]
-        revision_chats = [
-            revision_chat(conv, answer, principle.critique_request, critique, principle.revision_request, shots)
-            for conv, answer, principle, critique, shots in zip(conversations, current, principles, critiques, few_shot)
-        ]
+        if config.revision_style == "fresh":
+            revision_chats = [fresh_revision_chat(conv, critique, principle.revision_request)
+                              for conv, principle, critique in zip(conversations, principles, critiques)]
+        else:
+            revision_chats = [
+                revision_chat(conv, answer, principle.critique_request, critique, principle.revision_request, shots)
+                for conv, answer, principle, critique, shots in zip(conversations, current, principles, critiques, few_shot)
+            ]
         revisions = [clean_generation(t) for t in generator.generate(revision_chats, config.revision_tokens)]
         for i, (principle, critique, revision) in enumerate(zip(principles, critiques, revisions)):
             rounds[i].append(CritiqueRound(principle.id, critique, revision))

@@ -118,6 +118,16 @@ def revision_chat(conversation: Chat, response: str, critique_request: str, crit
     ]
 
 
+def fresh_revision_chat(conversation: Chat, critique: str, revision_request: str) -> Chat:
+    """Ask for the revision as a new answer to the conversation, with the request and critique as guidance.
+
+    Small models asked for a revision after their own critique tend to repeat the critique; asked
+    to answer afresh with that guidance they write an answer (revision_style: fresh).
+    """
+    guidance = f"{revision_request.strip()} Keep in mind this critique of an earlier reply: {critique.strip()}"
+    return contrast_chat(conversation, guidance)
+
+
 # -- AI feedback ----------------------------------------------------------------------------------
 def comparison_question(conversation: Chat, answers: Sequence[str], comparison: str, chain_of_thought: bool = False) -> str:
     """The multiple-choice question: the conversation, the principle's question, the options (A), (B), ..."""
