@@ -112,18 +112,35 @@ class Learner:
 
         return Checkpointer(self.run_dir / "checkpoints" / stage, self.config.checkpoint)
 
-    def _restore_final(self, stage: str, abstract):
-        """The newest checkpoint of a finished stage (required)."""
+    def _restore_final_params(self, stage: str, abstract_state):
+        """The parameters a finished stage left in checkpoints/<stage>-params (no optimizer moments:
+        a third of the memory of restoring the full train state)."""
         from trainer.checkpoint import CheckpointError
 
-        ckpt = self._checkpointer(stage)
+        ckpt = self._checkpointer(f"{stage}-params")
         try:
-            restored = ckpt.restore(abstract)
+            restored = ckpt.restore(abstract_state.params)
         finally:
             ckpt.close()
         if restored is None:
-            raise CheckpointError(f"{self.run_dir}/checkpoints/{stage} holds no checkpoint; run the {stage} stage first")
+            raise CheckpointError(f"{self.run_dir}/checkpoints/{stage}-params holds no checkpoint; run the {stage} "
+                                  f"stage first")
         return restored[0]
+
+    def save_final_params(self) -> None:
+        """At the end of a stage: its trained parameters alone, for the stages after it."""
+        from trainer.checkpoint import CheckpointConfig, Checkpointer
+
+        state = self.state.policy if self.stage == "ppo" else self.state
+        ckpt = Checkpointer(self.run_dir / "checkpoints" / f"{self.stage}-params",
+                            CheckpointConfig(every_steps=1, keep=1, async_save=False))
+        try:
+            step = int(state.step)
+            if step not in ckpt.all_steps():
+                ckpt.save(step, state.params, {}, force=True)
+                ckpt.wait()
+        finally:
+            ckpt.close()
 
     def _scalar_params_from_llama(self, llama_flat):
         """ScalarModel parameters: the LM's weights as backbone, a zero head."""
@@ -136,7 +153,8 @@ class Learner:
         import jax
         from flax import nnx
 
-        return {tuple(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(state.params)}
+        params = getattr(state, "params", state)
+        return {tuple(p): np.asarray(jax.device_get(v[...])) for p, v in nnx.to_flat_state(params)}
 
     def _policy_flat(self, upto: str) -> dict:
         """Policy weights entering stage `upto`: SL's final policy if the run has one, else the initial model."""
@@ -144,14 +162,19 @@ class Learner:
 
         if upto in ("label", "rm", "ppo") and StageRecord(self.run_dir).done("sl"):
             abstract = self._abstract(self._llama_factory(), self.config.sl.optimizer, self.config.run.seed)
-            return self._flat(self._restore_final("sl", abstract))
+            return self._flat(self._restore_final_params("sl", abstract))
         return dict(self.initial.params)
 
     # ---------------------------------------------------------------------------------- stages
 
     def setup(self, stage: str) -> dict:
         """Build the stage's state, continuing from its newest checkpoint if there is one."""
+        import gc
+
         self.close()
+        self.state = self._step_fn = self._data = None  # free the previous stage's arrays first
+        self._fns = {}
+        gc.collect()
         self.stage, seed = stage, self.config.run.seed
         self.ckpt = self._checkpointer(stage)
         if stage == "sl":
@@ -311,9 +334,7 @@ class Learner:
         cfg, seed = self.config.ppo, self.config.run.seed
         policy_flat = self._policy_flat("ppo")
         rm_abstract = self._abstract(self._scalar_factory(), self.config.rm.optimizer, seed)
-        rm_state = self._restore_final("rm", rm_abstract)
-        rm_flat = self._flat(rm_state)
-        del rm_state
+        rm_flat = self._flat(self._restore_final_params("rm", rm_abstract))
         # Frozen models: reference policy (the PPO starting point) and the preference model.
         self._ref = build_module(lambda: self._llama_factory()(nnx.Rngs(0)), policy_flat, self.rules)
         self._pm = build_module(lambda: self._scalar_factory()(nnx.Rngs(0)), rm_flat, self.rules)

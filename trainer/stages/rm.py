@@ -40,4 +40,5 @@ def run_rm(ctx) -> None:
     ctx.metrics.write("rm_eval", cfg.rm.steps, after)
     ctx.stages.update("rm", heldout_accuracy=after["accuracy"], heldout_bt_loss=after["bt_loss"],
                       train_pairs=len(train), heldout_pairs=len(heldout))
+    ray.get(ctx.learner.save_final_params.remote())  # what later stages load: parameters only
     ray.get(ctx.learner.close.remote())

@@ -40,4 +40,5 @@ def run_sl(ctx) -> None:
     start = ray.get(ctx.learner.setup.remote("sl"))["step"]
     ray.get(ctx.learner.set_sft_data.remote(pairs))
     learner_loop(ctx, "sl", cfg.sl.sft_steps, start, cfg.checkpoint.every_steps)
+    ray.get(ctx.learner.save_final_params.remote())  # what later stages load: parameters only
     ray.get(ctx.learner.close.remote())
