@@ -73,6 +73,13 @@ def test_local_prompts_builder_reads_back_with_as_data_source(tmp_path):
     assert [p.text for p in load_prompt_set(str(path), tmp_path / "tfds")] == ["changed"]
 
 
+def test_reading_needs_no_tensorflow(tmp_path):
+    import sys
+
+    load_prompt_set("default:helpful_heldout", tmp_path)
+    assert "tensorflow" not in sys.modules
+
+
 def test_bad_prompt_file_fails_before_tfds_runs(tmp_path):
     path = _write(tmp_path, '{"prompt": "ok"}\nnot json\n')
     with pytest.raises(PromptFileError, match="p.jsonl, line 2"):

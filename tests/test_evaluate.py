@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainer.constitution import Constitution, Principle
-from trainer.data.load import load_bbq
+from trainer.data.load import PreferencePair, load_bbq
 from trainer.data.records import Prompt
 from trainer.evaluate import (
     bbq_chat,
@@ -20,6 +20,7 @@ from trainer.evaluate import (
     bias_score,
     harmlessness_scores,
     heldout_prompt_sets,
+    human_agreement,
     per_principle_breakdown,
     target_loc,
     unknown_index,
@@ -71,6 +72,15 @@ def test_win_rates_per_principle():
     assert result.overall == pytest.approx(0.625)
     means, counts = per_principle_breakdown(result.labels[:1])
     assert means == pytest.approx({"p1": 0.75, "p2": 0.75}) and counts == {"p1": 1, "p2": 1}
+
+
+def test_human_agreement_alternates_positions():
+    constitution = Constitution("t", "1", (Principle("p1", comparison="Which is better?"),))
+    pairs = [PreferencePair("a", "q", "safe reply", "other reply"), PreferencePair("b", "q", "safe one", "plain one"),
+             PreferencePair("c", "q", "plain", "safe")]
+    agreement, labels = human_agreement(pairs, constitution, KeywordScorer(), FeedbackConfig(num_principles=1, num_few_shot=0))
+    assert [label.response_a for label in labels] == ["safe reply", "plain one", "plain"]  # chosen at A, B, A
+    assert agreement == pytest.approx(2 / 3)  # the fake prefers 'safe': agrees on a and b, not on c
 
 
 def test_heldout_sets(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.constitution import Constitution
-from trainer.data.load import load_prompt_set
+from trainer.data.load import PreferencePair, load_prompt_set
 from trainer.data.records import Prompt
 from trainer.feedback import FeedbackConfig, LabelRecord, OptionScorer, ResponsePair, label_pairs, option_probabilities
 from trainer.prompts import ANSWER_PREFIX, answer_instruction, message, options, prompt_messages, transcript
@@ -97,6 +97,23 @@ def win_rates(prompts: Sequence[Prompt], candidates: Sequence[str], references: 
     means, counts = per_principle_breakdown(labels)
     overall = float(np.mean([label.p_a for label in labels])) if labels else float("nan")
     return WinRates(overall=overall, per_principle=means, counts=counts, labels=tuple(labels))
+
+
+def human_agreement(pairs: Sequence[PreferencePair], constitution: Constitution, scorer: OptionScorer,
+                    config: FeedbackConfig = FeedbackConfig()) -> tuple[float, list[LabelRecord]]:
+    """Fraction of human-ranked pairs (hh-rlhf) where the AI label prefers the human's choice.
+
+    The human-chosen reply is shown as response_a on even pairs and response_b on odd ones, so a
+    position preference cannot look like agreement. A label of exactly 0.5 counts as half.
+    """
+    ai_pairs = [
+        ResponsePair(p.uid, p.prompt, p.chosen, p.rejected) if i % 2 == 0 else ResponsePair(p.uid, p.prompt, p.rejected, p.chosen)
+        for i, p in enumerate(pairs)
+    ]
+    labels = label_pairs(ai_pairs, constitution, scorer, config)
+    p_chosen = [label.p_a if i % 2 == 0 else 1.0 - label.p_a for i, label in enumerate(labels)]
+    agreement = [1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in p_chosen]
+    return (float(np.mean(agreement)) if agreement else float("nan")), labels
 
 
 # -- BBQ ------------------------------------------------------------------------------------------

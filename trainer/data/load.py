@@ -23,7 +23,7 @@ HH_SUBSETS = ("harmless-base", "helpful-base")
 
 
 @dataclasses.dataclass(frozen=True)
-class ResponsePair:
+class PreferencePair:
     """A prompt with two human-ranked replies (hh-rlhf): for checking AI labels against human ones."""
 
     uid: str
@@ -84,11 +84,11 @@ def load_prompt_set(spec: str, data_dir: str | Path, manual_dir: str | Path | No
 
 
 def load_response_pairs(spec: str, data_dir: str | Path, manual_dir: str | Path | None = None,
-                        limit: int | None = None) -> list[ResponsePair]:
+                        limit: int | None = None) -> list[PreferencePair]:
     """hh-rlhf (prompt, chosen, rejected) triples, e.g. spec 'hh-rlhf/harmless-base:test'."""
     builder, split = _hh_builder(spec, data_dir)
     examples = _examples(builder, split, manual_dir)[:limit]
-    return [ResponsePair(e["uid"], e["prompt"], e["chosen"], e["rejected"]) for e in examples]
+    return [PreferencePair(e["uid"], e["prompt"], e["chosen"], e["rejected"]) for e in examples]
 
 
 def load_bbq(categories: list[str] | tuple[str, ...], data_dir: str | Path, manual_dir: str | Path | None = None,
