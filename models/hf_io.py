@@ -290,7 +290,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return files
     single = directory / SINGLE_FILE
     if single.is_file():
-        header, _, _ = safetensors_io.read_header(single)
+        header = safetensors_io.read_header(single)
         return {name: single for name in header}
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")) or list(directory.glob("*.pth")):
         raise HFModelError(
@@ -307,7 +307,7 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
         by_file.setdefault(path, []).append(name)
     tensors: dict[str, np.ndarray] = {}
     for path, names in by_file.items():
-        header, _, _ = safetensors_io.read_header(path)
+        header = safetensors_io.read_header(path)
         absent = [n for n in names if n not in header]
         if absent:
             raise HFModelError(f"{path}: the index says it holds {absent[:3]}, but it does not")

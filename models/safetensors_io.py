@@ -1,10 +1,8 @@
-"""Read and write the safetensors format with numpy, bfloat16 included, and precise errors.
+"""Read and write safetensors files as numpy arrays (bfloat16 included), with errors that name the file.
 
-Layout of a file: an 8-byte little-endian header length N, N bytes of JSON
-`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the raw
-little-endian tensor bytes, offsets counted from the end of the header. The `safetensors` package's
-numpy API has no bfloat16, which exports need, and reports a truncated file only as a parse
-failure; this reader checks every offset against the file size and names the tensor that is cut off.
+A thin layer over the `safetensors` package. It adds what a user needs when a file is bad: safetensors
+reports a cut-off file only as "incomplete metadata" or "invalid header length", so on any failure to
+open we compare the header's offsets with the file size and name the tensor that is cut off.
 No code is ever executed from a weights file (that is the point of the format, unlike pickle).
 """
 
@@ -12,113 +10,82 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from models.errors import UserError
 
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # the format's own cap: a bigger header means a corrupt file
-
 
 class SafetensorsError(UserError, ValueError):
-    """A safetensors file that is truncated, corrupt, or holds a dtype we cannot read."""
+    """A safetensors file that is missing, truncated, corrupt, or cannot be written."""
 
 
-def read_header(path: Path) -> tuple[dict, int, int]:
-    """(tensor entries, byte offset where data starts, file size), validated against the file size."""
-    path = Path(path)
+def _open(path: Path):
+    """safe_open for numpy, which validates the whole header against the file size up front.
+
+    The pread backend copies each tensor straight into its array; the default mmap backend would also
+    leave the file's pages resident, doubling peak memory on a multi-GB checkpoint.
+    """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise SafetensorsError(
-                    f"{path}: header claims {header_len} bytes but the file has {size}; the file is truncated "
-                    f"or not safetensors"
-                )
-            raw = f.read(header_len)
+        return safe_open(os.fspath(path), framework="numpy", backend="pread")
     except OSError as e:
-        raise SafetensorsError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: header is not valid JSON ({e}); the file is corrupt") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    for name, entry in header.items():
+        raise SafetensorsError(f"cannot read {path}: {e.strerror or e}") from None
+    except SafetensorError as e:
+        raise _explain(path, e) from None
+
+
+def _explain(path: Path, error: Exception) -> SafetensorsError:
+    """The error for a file safetensors rejected: where it is cut off, if it is, else safetensors' reason."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or 8 + header_len > size:
+            return SafetensorsError(f"{path}: file is {size} bytes, too short for even its header; the file is "
+                                    f"truncated or not safetensors")
         try:
-            dtype = _DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
-        except KeyError:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r} or a malformed entry; readable dtypes "
-                f"are {sorted(_DTYPES)}"
-            ) from None
-        if end - begin != expected:
-            raise SafetensorsError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
-        if data_start + end > size:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has only {size} bytes; "
-                f"the file is truncated (an interrupted download or copy?)"
-            )
-    return header, data_start, size
+            header = json.loads(f.read(header_len))
+            ends = {name: 8 + header_len + int(entry["data_offsets"][1])
+                    for name, entry in header.items() if name != "__metadata__"}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            ends = {}  # a malformed header: safetensors' own message says what is wrong with it
+    cut = sorted((end, name) for name, end in ends.items() if end > size)
+    if cut:
+        end, name = cut[0]
+        return SafetensorsError(
+            f"{path}: tensor {name!r} ends at byte {end} but the file has only {size} bytes; the file is truncated "
+            f"(an interrupted download or copy?)"
+        )
+    return SafetensorsError(f"{path}: not a valid safetensors file ({error})")
+
+
+def read_header(path: str | os.PathLike) -> dict[str, dict]:
+    """{tensor name: {"dtype": e.g. "BF16", "shape": [...]}} in file order, without reading any tensor."""
+    with _open(Path(path)) as f:
+        return {name: {"dtype": (s := f.get_slice(name)).get_dtype(), "shape": s.get_shape()}
+                for name in f.offset_keys()}
 
 
 def load(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as numpy arrays (all, or just `names`), copied out of a memory map."""
+    """Tensors of a safetensors file as writable numpy arrays (all, or just `names`)."""
     path = Path(path)
-    header, data_start, size = read_header(path)
-    if size == data_start:
-        return {}
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name in header if names is None else names:
-        entry = header[name]
-        begin, end = entry["data_offsets"]
-        raw = mapped[data_start + begin : data_start + end]
-        out[name] = np.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
-    del mapped
-    return out
+    with _open(path) as f:
+        names = f.offset_keys() if names is None else list(names)
+        absent = sorted(set(names) - set(f.keys()))
+        if absent:
+            raise SafetensorsError(f"{path} has no tensor named {absent[0]!r} ({len(absent)} asked for are absent)")
+        return {name: f.get_tensor(name) for name in names}
 
 
 def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` (C-contiguous copies, in the given order) to a safetensors file at `path`."""
-    entries: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    arrays = []
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        if dtype not in _NAMES:
-            raise SafetensorsError(f"cannot write tensor {name!r}: dtype {array.dtype} has no safetensors name")
-        entries[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array.astype(dtype, copy=False))
-    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    header += b" " * (-len(header) % 8)  # align the data section to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for array in arrays:
-            f.write(array.tobytes())
+    """Write `tensors` to a safetensors file at `path`, with `metadata` as the header's free-form strings."""
+    # save_file writes each array's raw buffer as is, so a strided view must be made C-contiguous first.
+    contiguous = {name: np.require(array, requirements="C") for name, array in tensors.items()}
+    try:
+        save_file(contiguous, os.fspath(path), metadata=dict(metadata) if metadata else None)
+    except SafetensorError as e:
+        raise SafetensorsError(f"cannot write {path}: {e}") from None

@@ -110,7 +110,7 @@ def test_bfloat16_export_within_bfloat16_tolerance(tmp_path):
     from models.tokenizer import load_tokenizer
 
     out = export_params(tmp_path / "bf16", config, model_params(model), load_tokenizer(tmp_path / "tok"), dtype="bfloat16")
-    header, _, _ = safetensors_io.read_header(out / "model.safetensors")
+    header = safetensors_io.read_header(out / "model.safetensors")
     assert {entry["dtype"] for entry in header.values()} == {"BF16"}
     reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ours = np.asarray(model(jnp.asarray(TOKENS)))
