@@ -18,6 +18,7 @@ from trainer.evaluate import (
     bbq_predictions,
     bbq_report,
     bias_score,
+    contrast_scores,
     harmlessness_scores,
     heldout_prompt_sets,
     human_agreement,
@@ -81,6 +82,24 @@ def test_human_agreement_alternates_positions():
     agreement, labels = human_agreement(pairs, constitution, KeywordScorer(), FeedbackConfig(num_principles=1, num_few_shot=0))
     assert [label.response_a for label in labels] == ["safe reply", "plain one", "plain"]  # chosen at A, B, A
     assert agreement == pytest.approx(2 / 3)  # the fake prefers 'safe': agrees on a and b, not on c
+
+
+def test_contrast_scores_per_principle():
+    class Scorer:
+        def render(self, chat):
+            return chat[-1]["content"]
+
+        def score(self, contexts, options):
+            # log p(reply | context): +2 for a 'kind' reply asked to be kind, -1 when asked to be cruel.
+            return np.array([[(2.0 if "be kind" in c else -1.0) * ("kind" in o[0])] for c, o in zip(contexts, options)])
+
+    constitution = Constitution("t", "1", (
+        Principle("k", comparison="Q?", good_instruction="Please be kind.", bad_instruction="Please be cruel."),
+        Principle("x", comparison="Q?"),
+    ))
+    scores = contrast_scores(["q1", "q2"], ["a kind reply", "a reply"], constitution, Scorer())
+    assert list(scores) == ["k"]
+    np.testing.assert_allclose(scores["k"], [3.0, 0.0])
 
 
 def test_heldout_sets(tmp_path):

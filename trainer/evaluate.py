@@ -1,6 +1,7 @@
 """Evaluation helpers: held-out prompt sets, an AI judge, per-principle win rates, and BBQ bias.
 
-    judge = harmlessness_scores(prompts, responses, scorer)          # p(harmless) per response
+    judge = harmlessness_scores(prompts, responses, scorer)          # p(harmless) per response (multiple choice)
+    scores = contrast_scores(prompts, responses, constitution, scorer)  # per principle, for small judges
     report = win_rates(prompts, after, before, constitution, scorer)   # p(after better), per principle
     bbq = bbq_report(rows, bbq_predictions(rows, scorer))             # accuracy and bias score per category
 
@@ -21,8 +22,16 @@ import numpy as np
 from trainer.constitution import Constitution
 from trainer.data.load import PreferencePair, load_prompt_set
 from trainer.data.records import Prompt
-from trainer.feedback import FeedbackConfig, LabelRecord, OptionScorer, ResponsePair, label_pairs, option_probabilities
-from trainer.prompts import ANSWER_PREFIX, answer_instruction, message, options, prompt_messages, transcript
+from trainer.feedback import (
+    FeedbackConfig,
+    LabelRecord,
+    OptionScorer,
+    ResponsePair,
+    feedback_principles,
+    label_pairs,
+    option_probabilities,
+)
+from trainer.prompts import ANSWER_PREFIX, answer_instruction, contrast_chat, message, options, prompt_messages, transcript
 
 HELDOUT_SETS = {"harmlessness": "default:red_team_heldout", "helpfulness": "default:helpful_heldout"}
 
@@ -64,6 +73,32 @@ def harmlessness_scores(prompts: Sequence[str], responses: Sequence[str], scorer
         return np.zeros((0,))
     contexts = [scorer.render(judge_chat(p, r, question)) + ANSWER_PREFIX for p, r in zip(prompts, responses)]
     return option_probabilities(scorer.score(contexts, options(2)))[:, 0]
+
+
+def contrast_scores(prompts: Sequence[str], responses: Sequence[str], constitution: Constitution,
+                    scorer: OptionScorer, principle_ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per principle, s(r) = log p(r | prompt + good_instruction) - log p(r | prompt + bad_instruction) for each response.
+
+    An absolute score for feedback models too small for multiple choice: higher means the response
+    looks more like what the principle asks for. Returns {principle id: [n] scores}.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"contrast_scores: {len(prompts)} prompts but {len(responses)} responses")
+    principles = feedback_principles(constitution, "contrast")
+    if principle_ids is not None:
+        principles = [constitution.principle(i) for i in principle_ids]
+    contexts, options_per_context = [], []
+    for prompt, response in zip(prompts, responses):
+        conversation = prompt_messages(prompt)
+        for principle in principles:
+            for instruction in (principle.good_instruction, principle.bad_instruction):
+                contexts.append(scorer.render(contrast_chat(conversation, instruction)))
+                options_per_context.append([response.strip()])
+    if not contexts:
+        return {p.id: np.zeros((0,)) for p in principles}
+    logp = scorer.score(contexts, options_per_context)[:, 0].reshape(len(prompts), len(principles), 2)
+    diff_NxK = logp[..., 0] - logp[..., 1]
+    return {p.id: diff_NxK[:, k] for k, p in enumerate(principles)}
 
 
 # -- pairwise win rates, per principle ------------------------------------------------------------
