@@ -4,7 +4,9 @@
 
 Times the whole jitted PPO update (reward shaping, GAE, policy and value forward + backward, two
 AdamW updates) after a warm-up call, and a large fp32 matmul on the same devices in the same run,
-before and after. model_flops counts matmul FLOPs only (6 × matmul parameters × tokens, plus
+before and after. Wall-clock ratios are only meaningful on an idle machine; the `*_cpu` figures divide
+by process CPU time instead (× the threads in use), which other processes' load disturbs much less.
+model_flops counts matmul FLOPs only (6 × matmul parameters × tokens, plus
 attention scores and values), the usual MFU convention; everything else the step does
 (log-softmax and entropy over the vocabulary, norms, the optimizer) is overhead against it.
 """
@@ -55,8 +57,9 @@ def ppo_update_flops(config, batch: int, length: int, epochs: int) -> float:
     return 3.0 * epochs * (policy + value)
 
 
-def measure_matmul_peak(n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted fp32 n×n @ n×n matmul (the machine's practical peak for dense math)."""
+def measure_matmul_peak(n: int, repeats: int = 5) -> tuple[float, float]:
+    """Best FLOP/s of a jitted fp32 n×n @ n×n matmul (the machine's practical peak for dense math),
+    by wall time and by process CPU time per thread."""
     import jax
     import jax.numpy as jnp
 
@@ -65,11 +68,17 @@ def measure_matmul_peak(n: int, repeats: int = 5) -> float:
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     best = float("inf")
+    start_cpu = time.process_time()  # summed over the repeats: CPU-time clocks tick coarsely
     for _ in range(repeats):
         start = time.perf_counter()
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    cpu_per_thread = (time.process_time() - start_cpu) / _threads()
+    return 2.0 * n**3 / best, repeats * 2.0 * n**3 / cpu_per_thread
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def synthetic_batch(config, batch: int, length: int, response_len: int, seed: int = 0) -> dict:
@@ -106,7 +115,7 @@ def run(args) -> dict:
     optimizer = OptimizerConfig(learning_rate=1e-6, grad_accum_steps=args.grad_accum)
     ppo = PPOConfig(epochs=args.epochs, minibatches=args.minibatches)
 
-    peak_before = measure_matmul_peak(args.matmul_size)
+    peak_before, peak_before_cpu = measure_matmul_peak(args.matmul_size)
     policy = create_train_state(lambda r: Llama(config, r, mesh_rules), optimizer, mesh_rules, 0)
     value = create_train_state(lambda r: ScalarModel(config, r, mesh_rules), optimizer, mesh_rules, 1)
     state = create_ppo_state(policy, value, ppo.kl)
@@ -117,17 +126,20 @@ def run(args) -> dict:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     first_s = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    peak_after = measure_matmul_peak(args.matmul_size)
+        cpu_times.append((time.process_time() - start_cpu) / _threads())
+    peak_after, peak_after_cpu = measure_matmul_peak(args.matmul_size)
 
     median_s = statistics.median(times)
     flops = ppo_update_flops(config, args.batch, args.seq_len, args.epochs)
     peak = max(peak_before, peak_after)
+    peak_cpu = max(peak_before_cpu, peak_after_cpu)
+    median_cpu_s = statistics.median(cpu_times)
     return {
         "model": args.model,
         "batch": args.batch,
@@ -143,6 +155,10 @@ def run(args) -> dict:
         "matmul_peak_flops_per_s": peak,
         "matmul_peak_before_after": [peak_before, peak_after],
         "fraction_of_peak": flops / median_s / peak,
+        "model_flops_per_s_cpu": flops / median_cpu_s,
+        "matmul_peak_flops_per_s_cpu": peak_cpu,
+        "fraction_of_peak_cpu": flops / median_cpu_s / peak_cpu,
+        "threads": _threads(),
         "policy_loss": float(metrics["policy_loss"]),
         "device": str(jax.devices()[0].platform),
         "cpu_count": os.cpu_count(),
