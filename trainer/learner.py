@@ -58,10 +58,11 @@ class Learner:
         if -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
             devices = devices[: mesh.data * mesh.fsdp * mesh.tensor]
         self.rules = build_mesh_rules(mesh, devices)
-        self.initial = load_checkpoint(config.model.source)  # host numpy params, tokenizer
-        self.model_config = self.initial.config.replace(dtype=config.model.dtype)
+        initial = load_checkpoint(config.model.source)
+        self.model_config = initial.config.replace(dtype=config.model.dtype)
         check_model(self.rules, self.model_config)
-        self.tokenizer = self.initial.tokenizer
+        self.tokenizer = initial.tokenizer
+        del initial  # host weights are re-read when a stage needs them, not held for the whole run
         self.stage = None
         self.state = None
         self.ckpt = None
@@ -142,6 +143,11 @@ class Learner:
         finally:
             ckpt.close()
 
+    def _initial_params(self) -> dict:
+        from models.sources import load_checkpoint
+
+        return load_checkpoint(self.config.model.source).params
+
     def _scalar_params_from_llama(self, llama_flat):
         """ScalarModel parameters: the LM's weights as backbone, a zero head."""
         params = {("backbone",) + tuple(p): a for p, a in llama_flat.items()}
@@ -163,7 +169,7 @@ class Learner:
         if upto in ("label", "rm", "ppo") and StageRecord(self.run_dir).done("sl"):
             abstract = self._abstract(self._llama_factory(), self.config.sl.optimizer, self.config.run.seed)
             return self._flat(self._restore_final_params("sl", abstract))
-        return dict(self.initial.params)
+        return self._initial_params()
 
     # ---------------------------------------------------------------------------------- stages
 
@@ -191,7 +197,7 @@ class Learner:
             abstract = self._abstract(factory, opt, seed)
             restored = self.ckpt.restore(abstract)
             self.state, extras = restored or (
-                self._state_from_params(factory, self._scalar_params_from_llama(self.initial.params), opt, seed), {})
+                self._state_from_params(factory, self._scalar_params_from_llama(self._initial_params()), opt, seed), {})
             self._build_rm()
         elif stage == "ppo":
             extras = self._setup_ppo()
@@ -349,7 +355,9 @@ class Learner:
         else:
             policy = self._state_from_params(self._llama_factory(), policy_flat, cfg.policy_optimizer, seed)
             value_init = rm_flat if cfg.value_from == "reward_model" else self._scalar_params_from_llama(policy_flat)
+            del policy_flat
             value = self._state_from_params(self._scalar_factory(), value_init, cfg.value_optimizer, seed + 1)
+            del value_init
             self.state, extras = create_ppo_state(policy, value, cfg.update.kl), {}
         self._step_fn = make_ppo_step(self.state, cfg.update, self.rules)
         self._values_fn = make_token_fn(self.state.value, self.rules, "values")

@@ -1,0 +1,69 @@
+"""Pure pieces of the pipeline driver: data positions, label split, metrics log, report — no Ray, no JAX."""
+
+import json
+
+from trainer.ledger import read_records
+from trainer.metrics import MetricsLog
+from trainer.pipeline import _interleave
+from trainer.report import write_report
+from trainer.rollout import task_seed
+from trainer.stages.ppo import iteration_prompts
+from trainer.stages.rm import split_labels
+
+
+def test_iteration_prompts_wrap_and_follow_the_data_position():
+    prompts = list("abcde")
+    assert iteration_prompts(prompts, 0, 2) == ["a", "b"]
+    assert iteration_prompts(prompts, 2, 2) == ["e", "a"]  # iteration 2 starts at position 4, wrapping
+
+
+def test_label_split_is_fixed_by_uid_and_never_empty():
+    records = [{"uid": f"u{i}"} for i in range(40)]
+    train, held = split_labels(records, 0.25)
+    assert {r["uid"] for r in train} | {r["uid"] for r in held} == {r["uid"] for r in records}
+    assert 3 <= len(held) <= 17
+    assert split_labels(list(reversed(records)), 0.25)[1] == sorted(held, key=lambda r: -int(r["uid"][1:]))
+    train, held = split_labels(records[:2], 0.01)
+    assert len(train) == 1 and len(held) == 1
+
+
+def test_task_seed_depends_on_the_request_not_the_worker():
+    assert task_seed(0, "ppo", ["a", "b"], 3) == task_seed(0, "ppo", ["a", "b"], 3)
+    assert task_seed(0, "ppo", ["a", "b"], 3) != task_seed(0, "ppo", ["a", "b"], 4)
+
+
+def test_interleave_mixes_prompt_sets():
+    assert _interleave([[1, 2, 3], ["a"]]) == [1, "a", 2, 3]
+
+
+def test_metrics_log_names_and_truncate(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.write("ppo", step, {"reward_mean": step / 10, "kl": float("nan")})
+    log.write("sl", 1, {"loss": 2.0})
+    record = log.records("ppo")[0]
+    assert record["stage"] == "ppo" and record["step"] == 1 and record["ppo/reward_mean"] == 0.1
+    assert record["ppo/kl"] is None  # non-finite values become null: the file stays valid JSON
+    assert log.truncate("ppo", 1) == 2
+    assert [(r["stage"], r["step"]) for r in log.records()] == [("ppo", 1), ("sl", 1)]
+
+
+def test_report_from_run_files(tmp_path):
+    (tmp_path / "samples").mkdir()
+    sl = {"uid": "u1", "prompt": "How do I pick a lock?", "initial_response": "Use a pick.",
+          "rounds": [{"principle_id": "harm", "critique": "It helps with burglary.", "revision": "I can't help."}],
+          "final_revision": "I can't help."}
+    (tmp_path / "samples" / "sl.jsonl").write_text(json.dumps(sl) + "\n")
+    label = {"uid": "u2", "prompt": "p", "response_a": "a", "response_b": "b", "p_a": 0.7, "principle_ids": ["harm"]}
+    (tmp_path / "samples" / "labels.jsonl").write_text(json.dumps(label) + "\n")
+    (tmp_path / "stages.json").write_text(json.dumps({
+        "sl": {"done": True, "seconds": 10.0}, "rm": {"done": True, "heldout_accuracy": 0.75, "heldout_pairs": 4},
+        "ppo": {"done": True, "pm_reward_before": 0.1, "pm_reward_after": 0.3, "seconds": 20.0}}))
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for step in (1, 2):
+        log.write("ppo", step, {"reward_mean": 0.1 * step, "kl": 0.01 * step, "beta": 0.05})
+    report = write_report(tmp_path).read_text()
+    assert "principle `harm`" in report and "It helps with burglary." in report and "I can't help." in report
+    assert "held-out accuracy: **0.750**" in report and "change +0.2000" in report
+    assert (tmp_path / "plots" / "ppo.png").stat().st_size > 1000
+    assert read_records(tmp_path / "metrics.jsonl")[-1]["ppo/kl"] == 0.02
