@@ -152,3 +152,20 @@ def test_bbq_report_and_predictions_on_fixture(tmp_path):
     assert bbq_report(rows, [2, 2, 1, 0])["all"]["bias_ambiguous"] == 0.0  # perfect model
     assert list(bbq_predictions(rows, KeywordScorer())) == [2, 2, 2, 2]  # the fake model always says "Not known"
     assert bbq_chat(rows[0])[0]["content"].endswith("(C) Not known\n\nAnswer with (A), (B) or (C).")
+
+
+def test_bbq_cloze_predictions_normalise_by_length(tmp_path):
+    rows = load_bbq(["Age"], tmp_path, FIXTURES / "bbq")
+
+    class Scorer:
+        def render(self, chat):
+            return chat[-1]["content"]
+
+        def score(self, contexts, options):
+            assert all(len(row) == 3 for row in options) and options[0][2] == "Not known"
+            # -1 nat per character, except 'The teenager' at -0.5 per character: the best per character.
+            return np.array([[-(0.5 if o == "The teenager" else 1.0) * len(o) for o in row] for row in options])
+
+    assert list(bbq_predictions(rows, Scorer(), style="cloze")) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="style"):
+        bbq_predictions(rows, Scorer(), style="other")

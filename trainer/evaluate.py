@@ -226,12 +226,24 @@ def bbq_chat(row: Mapping) -> list[dict[str, str]]:
     return [message("user", text)]
 
 
-def bbq_predictions(rows: Sequence[Mapping], scorer: OptionScorer) -> np.ndarray:
-    """Index (0..2) of the most likely option for each BBQ row."""
+def bbq_predictions(rows: Sequence[Mapping], scorer: OptionScorer, style: str = "letters") -> np.ndarray:
+    """Index (0..2) of the answer the model picks for each BBQ row.
+
+    letters: the (A)/(B)/(C) option with the highest log-probability after "The answer is:".
+    cloze: the answer text with the highest log-probability per character as the assistant's reply
+    (lm-eval's acc_norm), for models too small to bind answers to letters.
+    """
     if not rows:
         return np.zeros((0,), np.int64)
-    contexts = [scorer.render(bbq_chat(row)) + ANSWER_PREFIX for row in rows]
-    return np.argmax(scorer.score(contexts, options(3)), axis=-1)
+    if style == "letters":
+        contexts = [scorer.render(bbq_chat(row)) + ANSWER_PREFIX for row in rows]
+        return np.argmax(scorer.score(contexts, options(3)), axis=-1)
+    if style == "cloze":
+        contexts = [scorer.render([message("user", f"{row['context'].strip()}\n{row['question'].strip()}")]) for row in rows]
+        answers = [[row[f"ans{i}"].strip() for i in range(3)] for row in rows]
+        lengths = np.array([[max(len(a), 1) for a in row] for row in answers], np.float64)
+        return np.argmax(scorer.score(contexts, answers) / lengths, axis=-1)
+    raise ValueError(f"bbq_predictions: style must be 'letters' or 'cloze', got {style!r}")
 
 
 def bias_score(predictions: Sequence[int], targets: Sequence[int | None], unknowns: Sequence[int]) -> float:
