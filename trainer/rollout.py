@@ -125,7 +125,10 @@ class RolloutWorker:
         from models.sampling import SamplingParams
 
         p = task.params
-        prompts = [policy.chat_ids(t) for t in task.texts]
+        # The learner keeps the last max_prompt_tokens of each prompt; sampling must see the same context,
+        # or the behaviour log-probs would not belong to the sequences PPO trains on.
+        keep = p.get("max_prompt_tokens")
+        prompts = [policy.chat_ids(t)[-keep:] if keep else policy.chat_ids(t) for t in task.texts]
         samples = policy.sampler.generate(
             prompts, SamplingParams(max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                                     top_k=p.get("top_k", 0), top_p=p.get("top_p", 1.0)), seed=task.seed)

@@ -35,7 +35,8 @@ def evaluate(ctx, tag: str, weights: WeightHandle) -> dict:
     cfg = ctx.config
     prompts = {p.uid: p for p in ctx.prompts["eval"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / f"eval_{tag}.jsonl", list(prompts))
-    params = {"max_new_tokens": cfg.ppo.eval_max_new_tokens, "temperature": 0.0}
+    params = {"max_new_tokens": cfg.ppo.eval_max_new_tokens, "temperature": 0.0,
+              "max_prompt_tokens": cfg.data.max_prompt_tokens}
     dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", params, weights, desc=f"eval {tag}")
     records = ledger.records()
     scores = ray.get(ctx.learner.score.remote([r["prompt_ids"] for r in records],
@@ -64,7 +65,7 @@ def run_ppo(ctx) -> None:
 
     prompts = ctx.prompts["ppo"]
     sampling = {"max_new_tokens": cfg.ppo.max_new_tokens, "temperature": cfg.ppo.temperature,
-                "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p}
+                "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p, "max_prompt_tokens": cfg.data.max_prompt_tokens}
     bar = progress(cfg.ppo.iterations, "ppo", initial=done_iterations)
     try:
         for it in range(done_iterations, cfg.ppo.iterations):
