@@ -9,7 +9,7 @@ XLA on 2 threads. Throughput = generated tokens / median wall time of a whole ge
 
 The roofline is memory bandwidth: a decode step must stream every weight once plus the filled part
 of the KV cache, so tokens/s <= B * bandwidth / (weight bytes + cache bytes per step), with the
-bandwidth measured here (numpy reduction over 1 GiB, best of 5). Expect ~3× transformers at batch
+bandwidth measured here (numpy reductions over 1 GiB on 1 and 2 threads, best of 5). Expect ~3× transformers at batch
 8 and ≥1.5× at batch 1 on an idle 2-core machine; other processes' load (printed) lowers both.
 """
 
@@ -35,15 +35,24 @@ QUESTIONS = [
 ]
 
 
-def measure_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-`repeats` read bandwidth of a float32 sum over `n_bytes` (GB/s)."""
+def measure_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5, threads: int = 2) -> float:
+    """Best read bandwidth (GB/s) of float32 sums over `n_bytes`, on 1 and on `threads` threads.
+
+    numpy's sum is single-threaded and releases the GIL, so `threads` Python threads each summing a
+    slice measure what that many cores can stream together; the roofline uses the better figure.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     a = np.ones(n_bytes // 4, np.float32)
     a.sum()
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - start)
+    with ThreadPoolExecutor(threads) as pool:
+        for workers in sorted({1, threads}):
+            parts = np.array_split(a, workers)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                list(pool.map(np.sum, parts))
+                best = min(best, time.perf_counter() - start)
     return a.nbytes / best / 1e9
 
 
