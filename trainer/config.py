@@ -66,6 +66,7 @@ class DataSection:
 class SLSection:
     rounds: int = 1  # critique → revision rounds per prompt
     few_shot: int = 1  # few-shot critique examples in each prompt
+    revision_style: Literal["chat", "fresh"] = "chat"  # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models)
     max_new_tokens: int = 64  # per answer, critique and revision
     temperature: float = 0.0  # 0 = greedy
     sft_steps: int = 8  # SFT updates on the final revisions
@@ -84,6 +85,7 @@ class LabelSection:
     max_new_tokens: int = 48  # per sampled response
     temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
     top_p: float = 0.95
+    scoring: Literal["choice", "contrast"] = "choice"  # choice: "(A)"/"(B)" multiple choice (the paper); contrast: good vs bad instruction likelihood (small models)
     principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
     few_shot: int = 1  # feedback examples shown before each question
     debias_order: bool = True  # also ask with the answers swapped, average the two estimates

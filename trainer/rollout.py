@@ -162,7 +162,8 @@ class RolloutWorker:
         budget = p["max_new_tokens"]
         # Principles and few-shot examples are drawn from (run seed, uid): the same whichever batch a uid lands in.
         config = CritiqueConfig(rounds=p["rounds"], num_few_shot=p["few_shot"], response_tokens=budget,
-                                critique_tokens=budget, revision_tokens=budget, seed=p["seed"])
+                                critique_tokens=budget, revision_tokens=budget, seed=p["seed"],
+                                revision_style=p["revision_style"])
         prompts = [Prompt(uid=u, text=t) for u, t in zip(task.uids, task.texts)]
         records = run_sl_cai(prompts, self._constitution_obj(), generator, config)
         return {r.uid: r.to_json() for r in records}, 0
@@ -184,7 +185,7 @@ class RolloutWorker:
         if p["chain_of_thought"]:
             generator = SamplerTextGenerator(judge.sampler, judge.tokenizer,
                                              SamplingParams(max_new_tokens=1, temperature=0.0), seed=task.seed)
-        config = FeedbackConfig(num_principles=p["principles_per_pair"], num_few_shot=p["few_shot"],
+        config = FeedbackConfig(scoring=p["scoring"], num_principles=p["principles_per_pair"], num_few_shot=p["few_shot"],
                                 debias_order=p["debias_order"], chain_of_thought=p["chain_of_thought"],
                                 cot_clamp=tuple(p["cot_clamp"]), seed=p["seed"])
         pairs = [ResponsePair(uid, text, ra, rb) for uid, text, ra, rb in zip(task.uids, task.texts, a, b)]
