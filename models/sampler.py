@@ -9,6 +9,9 @@ mode does.
 
 Cache layout: slots [0, P) hold the left-padded prompt, slot P + i the i-th new token (the same slot
 for every row); a token's RoPE position is its index among its row's real tokens.
+The cache is allocated inside the program and updated in place by the while loop (XLA aliases
+loop-carried buffers), so it never exists outside the program: there is no input cache to donate,
+and peak memory holds exactly one cache.
 B batch, P prompt slots, N new-token slots, S = P + N cache slots, V vocab.
 """
 
