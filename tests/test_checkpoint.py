@@ -16,22 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import synthetic
+
 ROOT = Path(__file__).resolve().parent.parent
 MESH = (2, 2, 2)
 ROWS, LENGTH = 8, 12
 
 
 def data_batch(position: int) -> dict:
-    rng = np.random.default_rng(position)
-    response = np.zeros((ROWS, LENGTH), np.float32)
-    response[:, 5:] = 1.0
-    noise = lambda scale: (scale * rng.normal(size=(ROWS, LENGTH))).astype(np.float32)  # noqa: E731
-    return {
-        "tokens_BxT": rng.integers(0, 256, (ROWS, LENGTH)).astype(np.int32),
-        "attention_mask_BxT": np.ones((ROWS, LENGTH), bool), "response_mask_BxT": response,
-        "old_logprobs_BxT": -5.5 + noise(0.1), "ref_logprobs_BxT": -5.5 + noise(0.1),
-        "old_values_BxT": noise(0.1), "scores_B": rng.normal(size=ROWS).astype(np.float32),
-    }
+    return synthetic.ppo_batch(ROWS, LENGTH, seed=position, response_start=5)
 
 
 def _train(run_dir: Path, total_steps: int, kill_at: int) -> None:

@@ -15,23 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import synthetic
+
 ROOT = Path(__file__).resolve().parent.parent
 MESH = (2, 2, 2)
 ROWS, LENGTH = 16, 16
 
 
 def ppo_batch(seed=0):
-    rng = np.random.default_rng(seed)
-    response = np.zeros((ROWS, LENGTH), np.float32)
-    response[:, 6:] = 1.0
-    response[0, 12:] = 0.0
-    noise = lambda scale: (scale * rng.normal(size=(ROWS, LENGTH))).astype(np.float32)  # noqa: E731
-    return {
-        "tokens_BxT": rng.integers(0, 256, (ROWS, LENGTH)).astype(np.int32),
-        "attention_mask_BxT": np.ones((ROWS, LENGTH), bool), "response_mask_BxT": response,
-        "old_logprobs_BxT": -5.5 + noise(0.1), "ref_logprobs_BxT": -5.5 + noise(0.1),
-        "old_values_BxT": noise(0.1), "scores_B": rng.normal(size=ROWS).astype(np.float32),
-    }
+    return synthetic.ppo_batch(ROWS, LENGTH, seed, ragged=True)
 
 
 def run_ppo_step() -> dict:

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import synthetic
+
 from models.config import preset
 from models.llama import Llama, ScalarModel
 from trainer import losses
@@ -71,21 +73,8 @@ def rm_batch(rows=8, length=12, seed=0):
 
 
 def ppo_batch(rows=16, length=16, seed=0, old_logprobs=None):
-    rng = np.random.default_rng(seed)
-    response = np.zeros((rows, length), np.float32)
-    response[:, 6:] = 1.0
-    response[0, 12:] = 0.0
-    attention = np.ones((rows, length), bool)
-    attention[0, 12:] = False
-    attention[3, :2] = False
-    noise = lambda scale: (scale * rng.normal(size=(rows, length))).astype(np.float32)  # noqa: E731
-    return {
-        "tokens_BxT": rng.integers(0, TINY.vocab_size, (rows, length)).astype(np.int32),
-        "attention_mask_BxT": attention, "response_mask_BxT": response,
-        "old_logprobs_BxT": -5.5 + noise(0.1) if old_logprobs is None else old_logprobs,
-        "ref_logprobs_BxT": -5.5 + noise(0.1), "old_values_BxT": noise(0.1),
-        "scores_B": rng.normal(size=rows).astype(np.float32),
-    }
+    return synthetic.ppo_batch(rows, length, seed, vocab_size=TINY.vocab_size, ragged=True, left_padded=True,
+                               old_logprobs=old_logprobs)
 
 
 # ------------------------------------------------------------------------------------------- SFT
