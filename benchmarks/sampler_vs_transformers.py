@@ -7,9 +7,9 @@ Same fp32 weights (the cached HF-layout safetensors, read by both), same chat pr
 greedy, every sequence runs the full --new-tokens (stop tokens disabled on both sides), torch and
 XLA on 2 threads. Throughput = generated tokens / median wall time of a whole generate call.
 
-The roofline is memory bandwidth: a decode step must stream every weight once plus the filled part
-of the KV cache, so tokens/s <= B * bandwidth / (weight bytes + cache bytes per step), with the
-bandwidth measured here (numpy reductions over 1 GiB on 1 and 2 threads, best of 5). Expect ~3× transformers at batch
+The roofline is memory bandwidth (trainer/bench/sampler.py): a decode step must stream every weight
+once plus the filled part of the KV cache, with the bandwidth measured here (numpy reductions over
+1 GiB on 1 and 2 threads, best of 5). Expect ~3× transformers at batch
 8 and ≥1.5× at batch 1 on an idle 2-core machine; other processes' load (printed) lowers both.
 """
 
@@ -33,35 +33,6 @@ QUESTIONS = [
     "Summarise the plot of Romeo and Juliet in two sentences.",
     "Why is the sky blue?",
 ]
-
-
-def measure_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5, threads: int = 2) -> float:
-    """Best read bandwidth (GB/s) of float32 sums over `n_bytes`, on 1 and on `threads` threads.
-
-    numpy's sum is single-threaded and releases the GIL, so `threads` Python threads each summing a
-    slice measure what that many cores can stream together; the roofline uses the better figure.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones(n_bytes // 4, np.float32)
-    a.sum()
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for workers in sorted({1, threads}):
-            parts = np.array_split(a, workers)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                list(pool.map(np.sum, parts))
-                best = min(best, time.perf_counter() - start)
-    return a.nbytes / best / 1e9
-
-
-def bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Weights once (fp32) + the KV cache filled so far, averaged over the decode steps."""
-    weights = config.num_params() * 4
-    mean_context = prompt_len + new_tokens / 2
-    cache = batch * mean_context * config.num_layers * 2 * config.num_kv_heads * config.resolved_head_dim * 4
-    return weights + cache
 
 
 def time_transformers(hf, prompts, new_tokens: int, pad_id: int, runs: int):
@@ -98,7 +69,7 @@ def main(argv=None) -> None:
     from models.sampler import Sampler
     from models.sampling import SamplingParams
     from models.sources import load
-    from trainer.bench.sampler import measure
+    from trainer.bench.sampler import decode_bytes_per_step, measure, measure_bandwidth_gbs, weight_bytes
 
     torch.set_num_threads(args.threads)
     hf_dir = fetch_embedded(args.model)
@@ -109,6 +80,7 @@ def main(argv=None) -> None:
     hf.generation_config.eos_token_id = None  # likewise for transformers
     params = SamplingParams(max_new_tokens=args.new_tokens)
     bandwidth = measure_bandwidth_gbs()
+    weights = weight_bytes(loaded.model)
     print(f"memory bandwidth {bandwidth:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; threads {args.threads}", flush=True)
 
     rows = []
@@ -117,7 +89,7 @@ def main(argv=None) -> None:
         load_before = os.getloadavg()[0]
         ours = measure(sampler, prompts, params, args.runs)
         ours_tps = ours["tokens_per_s"]
-        roofline = batch * bandwidth * 1e9 / bytes_per_step(config, batch, max(map(len, prompts)), args.new_tokens)
+        roofline = batch * bandwidth * 1e9 / decode_bytes_per_step(config, weights, batch, max(map(len, prompts)), args.new_tokens)
         row = {"batch": batch, "new_tokens": args.new_tokens, "ours_tokens_per_s": ours_tps,
                "ours_compile_s": ours["compile_s"], "roofline_tokens_per_s": roofline,
                "roofline_fraction": ours_tps / roofline}

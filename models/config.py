@@ -8,6 +8,10 @@ from models.errors import UserError
 from typing import Literal
 
 DType = Literal["float32", "bfloat16", "float16"]
+# How full-sequence attention (training, scoring, prefill without a cache) is computed: "xla" is
+# the portable einsum + softmax; "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, 16-bit
+# compute dtypes), which never materialises the T x T scores. Cached decode always uses "xla".
+AttentionImpl = Literal["xla", "cudnn"]
 
 
 class ModelConfigError(UserError, ValueError):
@@ -51,6 +55,7 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # master copy of the weights
     remat: bool = False  # recompute each block's activations in the backward pass
+    attention: AttentionImpl = "xla"
 
     def __post_init__(self):
         positive = (
@@ -83,6 +88,10 @@ class ModelConfig:
                 raise ModelConfigError(
                     f"model config: {name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}"
                 )
+        if self.attention not in ("xla", "cudnn"):
+            raise ModelConfigError(f"model config: attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ModelConfigError("model config: attention 'cudnn' needs a 16-bit dtype (bfloat16 or float16), got float32")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ModelConfigError("model config: rope_theta and rms_norm_eps must be positive")
 

@@ -45,6 +45,18 @@ class KVCache(NamedTuple):
         return cls(layers, jnp.zeros((batch, slots), jnp.bool_))
 
 
+def project(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """Contract x's last axis with w's first as one 2-D matmul, (B*T, I) @ (I, O...).
+
+    Left as a 3-D einsum, XLA:CPU keeps (B, T) as two dims, and the weight gradient, which then
+    contracts over both, runs through a slower batched path; flat operands are plain GEMMs
+    (measured ~5% on a SmolLM2 PPO update)."""
+    *lead, i = x_BxTxI.shape
+    out = w_IxO.shape[1:]
+    y = jnp.dot(x_BxTxI.reshape(-1, i), w_IxO.reshape(i, -1))
+    return y.reshape(*lead, *out)
+
+
 def _param(init, rngs: nnx.Rngs, shape, dtype, logical_axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
 
@@ -76,6 +88,7 @@ class Attention(nnx.Module):
         # A tuple, not an array: module attributes that are not Variables must be hashable (static).
         self.inv_freq = tuple(inverse_frequencies(h, config.rope_theta, config.rope_scaling).tolist())
         self.dtype = jnp.dtype(config.dtype)
+        self.attention = config.attention
         self.mesh_rules = mesh_rules
 
     def __call__(
@@ -87,14 +100,17 @@ class Attention(nnx.Module):
         cache_index: jax.Array | int,
     ) -> tuple[jax.Array, LayerCache | None]:
         dt = self.dtype
-        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q_DxNxH[...].astype(dt))
-        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k_DxKxH[...].astype(dt))
-        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v_DxKxH[...].astype(dt))
+        q_BxTxNxH = project(x_BxTxD, self.q_DxNxH[...].astype(dt))
+        k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt))
+        v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt))
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
         k_BxKxTxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq).transpose(0, 2, 1, 3)
         v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
 
         num_new = x_BxTxD.shape[1]
+        if cache is None and self.attention == "cudnn":
+            out_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxKxTxH.astype(dt), v_BxKxTxH, key_valid_BxS)
+            return self._project_out(out_BxTxNxH), None
         if cache is None:
             k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
             query_slots_T = jnp.arange(num_new)
@@ -109,12 +125,14 @@ class Attention(nnx.Module):
         mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
 
         out_BxTxNxH = grouped_query_attention(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS)
+        return self._project_out(out_BxTxNxH), new_cache
+
+    def _project_out(self, out_BxTxNxH: jax.Array) -> jax.Array:
         # One (N*H) contraction on explicitly flattened operands: given two contracting dims, XLA may
         # pick the (H, N) order and transpose the whole weight matrix on every decode step.
         b, t, n, h = out_BxTxNxH.shape
-        o_FxD = self.o_NxHxD[...].astype(dt).reshape(n * h, -1)
-        out_BxTxD = jnp.einsum("btf,fd->btd", out_BxTxNxH.reshape(b, t, n * h), o_FxD)
-        return out_BxTxD, new_cache
+        o_FxD = self.o_NxHxD[...].astype(self.dtype).reshape(n * h, -1)
+        return project(out_BxTxNxH.reshape(b, t, n * h), o_FxD)
 
 
 def grouped_query_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS) -> jax.Array:
@@ -147,6 +165,18 @@ def grouped_query_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS) -> jax.
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
+def fused_causal_attention(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH, key_valid_BxT, implementation="cudnn") -> jax.Array:
+    """Causal grouped-query attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel
+    by default): the maths of `grouped_query_attention` without a cache. Padding keys are masked;
+    a query with no valid key (left padding) gets some finite output that callers mask out."""
+    b, t = key_valid_BxT.shape
+    mask_Bx1xTxT = jnp.broadcast_to(key_valid_BxT[:, None, None, :], (b, 1, t, t))
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxKxTxH.transpose(0, 2, 1, 3), v_BxKxTxH.transpose(0, 2, 1, 3).astype(q_BxTxNxH.dtype),
+        mask=mask_Bx1xTxT, is_causal=True, implementation=implementation,
+    )
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x W_gate) * (x W_up))."""
 
@@ -160,10 +190,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_DxF[...].astype(dt))
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_DxF[...].astype(dt))
+        gate_BxTxF = project(x_BxTxD, self.gate_DxF[...].astype(dt))
+        up_BxTxF = project(x_BxTxD, self.up_DxF[...].astype(dt))
         hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.mesh_rules)
-        return jnp.einsum("btf,fd->btd", hidden_BxTxF, self.down_FxD[...].astype(dt))
+        return project(hidden_BxTxF, self.down_FxD[...].astype(dt))
 
 
 class Block(nnx.Module):

@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from trainer.runtime import set_cpu_xla_flags  # noqa: E402
+
+set_cpu_xla_flags()  # the same XLA:CPU settings as a cairl process
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

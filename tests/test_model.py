@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from models.config import PRESETS, RopeScaling
-from models.llama import KVCache, Llama
+from models.llama import KVCache, Llama, fused_causal_attention, grouped_query_attention
 from models.rope import inverse_frequencies
 from models.sources import build_llama
 
@@ -146,3 +146,28 @@ def test_remat_gives_the_same_loss_and_gradients():
     for a, b in zip(g0, g1):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
     assert any(float(jnp.abs(g).max()) > 1e-3 for g in g0)
+
+
+def test_fused_attention_path_matches_grouped_query_attention():
+    """The cuDNN path's layout, GQA grouping, causal and padding masks, checked through the same
+    jax.nn.dot_product_attention call with its portable XLA implementation (no GPU here)."""
+    b, t, n, k, h = 2, 6, 4, 2, 8
+    q, kk, v = (jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in
+                enumerate([(b, t, n, h), (b, k, t, h), (b, k, t, h)]))
+    valid = jnp.array([[True] * t, [False, False] + [True] * (t - 2)])  # second row left-padded
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    expected = grouped_query_attention(q, kk, v, causal[None] & valid[:, None, :])
+    got = fused_causal_attention(q, kk, v, valid, implementation="xla")
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(got[1, 2:], expected[1, 2:], atol=1e-5)  # padded queries: any finite value
+    assert bool(jnp.all(jnp.isfinite(got)))
+
+
+def test_cudnn_attention_needs_a_16_bit_dtype():
+    from models.config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="16-bit"):
+        PRESETS["tiny"].replace(attention="cudnn")
+    with pytest.raises(ModelConfigError, match="attention must be"):
+        PRESETS["tiny"].replace(attention="flash")
+    assert PRESETS["tiny"].replace(attention="cudnn", dtype="bfloat16").attention == "cudnn"

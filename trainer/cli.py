@@ -12,6 +12,7 @@ import logging
 import sys
 
 from models.errors import UserError
+from trainer.runtime import set_cpu_xla_flags
 
 # Subcommand modules, in the order `cairl --help` lists them.
 COMMANDS = (
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_cpu_xla_flags()  # before any command touches a JAX device
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

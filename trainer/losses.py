@@ -34,22 +34,39 @@ def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------- LM
 
 
+def logprobs_and_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per position, log p(target) and the entropy H = -Σ_v p_v log p_v of p = softmax(logits).
+
+    One logsumexp z serves both: log p(y) = logits_y - z and H = z - Σ_v p_v logits_v. Over a
+    large vocabulary this pass, not the LM-head matmul, is what a CPU spends its time on, so it is
+    done once (fp32) rather than once per quantity.
+    """
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    probs_BxTxV = jnp.exp(logits_BxTxV - z_BxT[..., None])
+    entropy_BxT = z_BxT - jnp.sum(probs_BxTxV * logits_BxTxV, axis=-1)
+    return picked_BxT - z_BxT, entropy_BxT
+
+
+def shift_right(x_BxT: jax.Array) -> jax.Array:
+    """Prepend a 0 column: per-token values computed from the logits at t-1 line up with token t."""
+    return jnp.pad(x_BxT, ((0, 0), (1, 0)))
+
+
 def token_logprobs_from_logits(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
     """logprob[:, t] = log softmax(logits[:, t-1])[tokens[:, t]] for t ≥ 1; logprob[:, 0] = 0.
 
     Logits at position t predict token t+1, so the result is shifted right by one to line up with
     the token it scores.
     """
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    picked_BxT1 = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(picked_BxT1, ((0, 0), (1, 0)))
+    return shift_right(logprobs_and_entropy(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])[0])
 
 
 def token_entropy_from_logits(logits_BxTxV: jax.Array) -> jax.Array:
     """H[:, t] = -Σ_v p_v log p_v of the distribution that produced token t (shifted like logprobs)."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    entropy_BxT1 = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
-    return jnp.pad(entropy_BxT1, ((0, 0), (1, 0)))
+    targets = jnp.zeros(logits_BxTxV.shape[:2], jnp.int32)[:, 1:]
+    return shift_right(logprobs_and_entropy(logits_BxTxV[:, :-1], targets)[1])
 
 
 def masked_nll(logprob_BxT: jax.Array, loss_mask_BxT: jax.Array, denominator=None) -> jax.Array:

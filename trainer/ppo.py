@@ -101,9 +101,19 @@ def replicated_like(state: TrainState):
 # ------------------------------------------------------------------------ model-side per-token arrays
 
 
+def token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT) -> tuple[jax.Array, jax.Array]:
+    """log π(tokens[t] | tokens[<t]) and the entropy of π(· | tokens[<t]) at every t (0 at t = 0), fp32 [B, T].
+
+    The LM head runs on the T−1 positions that predict a token (slicing the hidden states, not the
+    far larger logits)."""
+    hidden_BxTxD, _ = model.hidden(tokens_BxT, attention_mask_BxT)
+    logprob_BxT1, entropy_BxT1 = losses.logprobs_and_entropy(model.logits(hidden_BxTxD[:, :-1]), tokens_BxT[:, 1:])
+    return losses.shift_right(logprob_BxT1), losses.shift_right(entropy_BxT1)
+
+
 def token_logprobs(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
     """log π(tokens[t] | tokens[<t]) at every t (0 at t = 0), fp32 [B, T]."""
-    return losses.token_logprobs_from_logits(model(tokens_BxT, attention_mask_BxT), tokens_BxT)
+    return token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT)[0]
 
 
 def token_values(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
@@ -131,10 +141,11 @@ def compute_advantages(config: PPOConfig, beta: jax.Array, batch: Batch) -> dict
 
 
 def policy_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: dict):
-    model = state.model(params)
-    logits_BxTxV = model(mb["tokens_BxT"], mb["attention_mask_BxT"])
-    logprob_BxT = losses.token_logprobs_from_logits(logits_BxTxV, mb["tokens_BxT"])
-    entropy_BxT = losses.token_entropy_from_logits(logits_BxTxV)
+    logprob_BxT, entropy_BxT = token_logprobs_and_entropy(state.model(params), mb["tokens_BxT"], mb["attention_mask_BxT"])
+    if config.entropy_coef == 0:
+        # Only a metric then: without this its (zero-weighted) gradient still costs a full pass over
+        # the B×T×V probabilities, XLA being unable to drop a product with 0.0 (NaN·0 is not 0).
+        entropy_BxT = jax.lax.stop_gradient(entropy_BxT)
     mask, n = mb["response_mask_BxT"], totals["tokens"]
     surrogate_loss, stats = losses.ppo_policy_loss(logprob_BxT, mb["old_logprobs_BxT"], mb["advantages_BxT"], mask,
                                                    config.clip_ratio, config.dual_clip, n)

@@ -106,8 +106,10 @@ def _finish(state: TrainState, update_stats: dict, metrics: dict) -> tuple[Train
 
 def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
     model = state.model(params)
-    logits_BxTxV = model(batch["tokens_BxT"], batch["attention_mask_BxT"])
-    logprob_BxT = losses.token_logprobs_from_logits(logits_BxTxV, batch["tokens_BxT"])
+    hidden_BxTxD, _ = model.hidden(batch["tokens_BxT"], batch["attention_mask_BxT"])
+    # The LM head only where a next token exists: slicing hidden states, not the far larger logits.
+    logprob_BxT1, _ = losses.logprobs_and_entropy(model.logits(hidden_BxTxD[:, :-1]), batch["tokens_BxT"][:, 1:])
+    logprob_BxT = losses.shift_right(logprob_BxT1)
     nll = losses.masked_nll(logprob_BxT, batch["loss_mask_BxT"], totals["tokens"])
     return nll, {"nll": nll}
 

@@ -14,6 +14,7 @@ attention scores and values), the usual MFU convention; everything else the step
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import time
@@ -21,6 +22,8 @@ import time
 import numpy as np
 
 from models.errors import UserError
+
+log = logging.getLogger("cairl.bench.ppo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per minibatch update")
     parser.add_argument("--dtype", default="float32", help="compute dtype (params stay fp32)")
     parser.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
+    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="full-sequence attention kernel")
     parser.add_argument("--runs", type=int, default=3, help="timed updates after the warm-up (median reported)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n×n×n matmul measuring the peak")
+    parser.add_argument("--matmul-size", type=int, default=0,
+                        help="n of the n×n×n matmul measuring the peak (0: 2048 on CPU, 8192 on accelerators)")
+
+
+# Vendor dense (no sparsity) matrix peaks, FLOP/s, by device kind and compute dtype: MFU's usual
+# denominator. The measured matmul peak is reported beside it because clocks and power caps vary.
+DATASHEET_PEAKS = {
+    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12},  # SXM; the PCIe card is lower
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12},
+}
 
 
 def matmul_flops_per_token(config, lm_head: bool) -> float:
@@ -57,14 +70,14 @@ def ppo_update_flops(config, batch: int, length: int, epochs: int) -> float:
     return 3.0 * epochs * (policy + value)
 
 
-def measure_matmul_peak(n: int, repeats: int = 5) -> tuple[float, float]:
-    """Best FLOP/s of a jitted fp32 n×n @ n×n matmul (the machine's practical peak for dense math),
-    by wall time and by process CPU time per thread."""
+def measure_matmul_peak(n: int, dtype: str = "float32", repeats: int = 5) -> tuple[float, float]:
+    """Best FLOP/s of a jitted n×n @ n×n matmul in `dtype` (the machine's practical peak for dense
+    math), by wall time and by process CPU time per thread."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     best = float("inf")
@@ -110,22 +123,27 @@ def run(args) -> dict:
             raise UserError(f"bench ppo: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.response_len >= args.seq_len:
         raise UserError("bench ppo: --response-len must be smaller than --seq-len")
-    config = preset(args.model).replace(dtype=args.dtype, remat=args.remat)
-    mesh_rules = build_mesh_rules(MeshConfig(data=1), devices=jax.devices()[:1])
+    config = preset(args.model).replace(dtype=args.dtype, remat=args.remat, attention=args.attention)
+    device = jax.devices()[0]
+    mesh_rules = build_mesh_rules(MeshConfig(data=1), devices=[device])
     optimizer = OptimizerConfig(learning_rate=1e-6, grad_accum_steps=args.grad_accum)
     ppo = PPOConfig(epochs=args.epochs, minibatches=args.minibatches)
+    matmul_size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
 
-    peak_before, peak_before_cpu = measure_matmul_peak(args.matmul_size)
+    peak_before, peak_before_cpu = measure_matmul_peak(matmul_size, config.dtype)
+    log.info("matmul peak %.3g FLOP/s; creating policy and value states", peak_before)
     policy = create_train_state(lambda r: Llama(config, r, mesh_rules), optimizer, mesh_rules, 0)
     value = create_train_state(lambda r: ScalarModel(config, r, mesh_rules), optimizer, mesh_rules, 1)
     state = create_ppo_state(policy, value, ppo.kl)
     step = make_ppo_step(state, ppo, mesh_rules)
     batch = jax.device_put(synthetic_batch(config, args.batch, args.seq_len, args.response_len))
+    log.info("states ready; compiling and running the first update")
 
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     first_s = time.perf_counter() - start
+    log.info("first update (compile included) took %.1f s", first_s)
     times, cpu_times = [], []
     for _ in range(args.runs):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -133,13 +151,14 @@ def run(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
         cpu_times.append((time.process_time() - start_cpu) / _threads())
-    peak_after, peak_after_cpu = measure_matmul_peak(args.matmul_size)
+    peak_after, peak_after_cpu = measure_matmul_peak(matmul_size, config.dtype)
 
     median_s = statistics.median(times)
     flops = ppo_update_flops(config, args.batch, args.seq_len, args.epochs)
     peak = max(peak_before, peak_after)
     peak_cpu = max(peak_before_cpu, peak_after_cpu)
     median_cpu_s = statistics.median(cpu_times)
+    datasheet = next((peaks.get(config.dtype) for kind, peaks in DATASHEET_PEAKS.items() if kind in device.device_kind), None)
     return {
         "model": args.model,
         "batch": args.batch,
@@ -147,6 +166,7 @@ def run(args) -> dict:
         "tokens_per_update": args.batch * args.seq_len * args.epochs,
         "dtype": args.dtype,
         "remat": args.remat,
+        "attention": args.attention,
         "median_s": median_s,
         "run_s": [round(t, 3) for t in times],
         "compile_s": max(first_s - median_s, 0.0),
@@ -158,9 +178,14 @@ def run(args) -> dict:
         "model_flops_per_s_cpu": flops / median_cpu_s,
         "matmul_peak_flops_per_s_cpu": peak_cpu,
         "fraction_of_peak_cpu": flops / median_cpu_s / peak_cpu,
+        "datasheet_peak_flops_per_s": datasheet,
+        "mfu_datasheet": flops / median_s / datasheet if datasheet else None,
+        "matmul_size": matmul_size,
         "threads": _threads(),
         "policy_loss": float(metrics["policy_loss"]),
-        "device": str(jax.devices()[0].platform),
+        "device": str(device.platform),
+        "device_kind": device.device_kind,
+        "peak_memory_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use"),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
     }
