@@ -52,6 +52,9 @@ def _python(code: str) -> tuple[dict, float]:
 
 
 def main() -> None:
+    from trainer.runtime import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # the XLA:CPU settings every cairl process uses
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transformers", action="store_true", help="also time transformers loading the GGUF")

@@ -44,6 +44,9 @@ def test_override_typo_and_bad_values_are_rejected():
         load_run_config(None, ["run.stages=[ppo,sl]"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_run_config(None, ["ppo.iterations=many"])
+    with pytest.raises(ConfigError, match="cudnn needs model.dtype: bfloat16"):
+        load_run_config(None, ["model.attention=cudnn"])
+    assert load_run_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]).model.attention == "cudnn"
 
 
 def test_overrides_and_stage_selection():

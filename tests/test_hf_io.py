@@ -215,9 +215,10 @@ def test_smollm2_bfloat16_export(smollm2, tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = np.array([smollm2.tokenizer.encode_chat(MESSAGES)])
     theirs = torch_logits(reference, ids)
-    # Exactly our model on the same (bf16-rounded) weights...
+    # Our model on the same (bf16-rounded) weights, both computing in fp32: the sum of two fp32
+    # implementations' errors, as in test_smollm2_export_loads_in_transformers_... (2e-4 at logits ~20).
     rounded = load(str(out))
-    np.testing.assert_allclose(theirs, np.asarray(rounded.model(jnp.asarray(ids))), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(theirs, np.asarray(rounded.model(jnp.asarray(ids))), atol=2e-4, rtol=0)
     # ...and close to the fp32 original: bf16 rounding (2^-9 relative per weight) moves logits by a few tenths.
     original = np.asarray(smollm2.model(jnp.asarray(ids)))
     assert np.abs(theirs - original).max() < 0.05 * np.abs(original).max()

@@ -37,10 +37,14 @@ class ModelSection:
     feedback_source: str = ""  # AI-feedback model; empty = the initial policy, frozen
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (fp32 on CPU, bf16 on accelerators)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh (rollout workers: one device)
+    # Learner-side full-sequence attention: "cudnn" is cuDNN's fused kernel (NVIDIA GPUs, bfloat16).
+    attention: Literal["xla", "cudnn"] = "xla"
 
     def __post_init__(self):
         if not self.source:
             raise RunConfigError("model.source must name a model")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise RunConfigError("model.attention: cudnn needs model.dtype: bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

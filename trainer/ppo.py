@@ -196,8 +196,10 @@ def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch:
     state = state.replace(policy=state.policy.replace(rng=rng))
 
     def epoch(state, key):
-        perm_B = jax.random.permutation(key, batch_size)
-        shuffled = jax.tree.map(lambda x: jnp.take(x, perm_B, axis=0), batch)
+        shuffled = batch
+        if config.minibatches > 1:  # a single minibatch holds every row, in any order
+            perm_B = jax.random.permutation(key, batch_size)
+            shuffled = jax.tree.map(lambda x: jnp.take(x, perm_B, axis=0), batch)
         return jax.lax.scan(lambda s, mb: _minibatch_update(config, mesh_rules, s, mb), state,
                             split_rows(shuffled, config.minibatches))
 
