@@ -107,3 +107,19 @@ def test_malformed_prompt_file_fails_before_ray_and_jax(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"data: {{prompts: ['{prompts}']}}\nrun: {{runs_dir: {tmp_path}/runs}}\n")
     _assert_clean_failure(_run_cli(["train", "--config", str(config)], tmp_path), str(prompts), "line 2")
+
+
+def test_a_run_saved_before_a_new_config_key_still_resumes(tmp_path):
+    import yaml
+
+    from trainer.pipeline import RunDirError, prepare_run_dir
+
+    config = load_run_config(None, [f"run.runs_dir={tmp_path}"])
+    run_dir = prepare_run_dir(config, resume=False)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["model"]["attention"]  # as written by a cairl without that key
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert prepare_run_dir(config, resume=True) == run_dir
+    changed = load_run_config(None, [f"run.runs_dir={tmp_path}", "model.dtype=bfloat16"])
+    with pytest.raises(RunDirError, match="different 'model' section"):
+        prepare_run_dir(changed, resume=True)

@@ -74,7 +74,7 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if saved.exists():
-        previous = configlib.read_yaml(saved)[0]
+        previous = _saved_config(saved)
         current = redacted(configlib.to_dict(config))
         for section in ("model", "constitution", "data"):
             if _normalise(previous.get(section)) != _normalise(current.get(section)):
@@ -88,6 +88,17 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     saved.write_text(to_yaml(config), encoding="utf-8")
     return run_dir
+
+
+def _saved_config(path: Path) -> dict:
+    """A run's saved config with today's defaults filled in, so that a key added to cairl since the run
+    started (at its default) does not read as a change; the raw file if it no longer parses."""
+    from trainer.config import load_run_config
+
+    try:
+        return redacted(configlib.to_dict(load_run_config(path)))
+    except UserError:
+        return configlib.read_yaml(path)[0]
 
 
 def _normalise(value):
