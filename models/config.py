@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from models.errors import UserError
-from typing import Literal
+from typing import Literal, get_args
 
 DType = Literal["float32", "bfloat16", "float16"]
 # How full-sequence attention (training, scoring, prefill without a cache) is computed: "xla" is
@@ -88,8 +88,8 @@ class ModelConfig:
                 raise ModelConfigError(
                     f"model config: {name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}"
                 )
-        if self.attention not in ("xla", "cudnn"):
-            raise ModelConfigError(f"model config: attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention not in get_args(AttentionImpl):
+            raise ModelConfigError(f"model config: attention must be one of {get_args(AttentionImpl)}, got {self.attention!r}")
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ModelConfigError("model config: attention 'cudnn' needs a 16-bit dtype (bfloat16 or float16), got float32")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:

@@ -104,13 +104,14 @@ class Attention(nnx.Module):
         k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt))
         v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt))
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
-        k_BxKxTxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq).transpose(0, 2, 1, 3)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
+        if cache is None and self.attention == "cudnn":
+            out_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH, key_valid_BxS)
+            return self._project_out(out_BxTxNxH), None
+        k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
         v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
 
         num_new = x_BxTxD.shape[1]
-        if cache is None and self.attention == "cudnn":
-            out_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxKxTxH.astype(dt), v_BxKxTxH, key_valid_BxS)
-            return self._project_out(out_BxTxNxH), None
         if cache is None:
             k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
             query_slots_T = jnp.arange(num_new)
@@ -165,14 +166,14 @@ def grouped_query_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS) -> jax.
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
-def fused_causal_attention(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH, key_valid_BxT, implementation="cudnn") -> jax.Array:
+def fused_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, implementation="cudnn") -> jax.Array:
     """Causal grouped-query attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel
     by default): the maths of `grouped_query_attention` without a cache. Padding keys are masked;
     a query with no valid key (left padding) gets some finite output that callers mask out."""
     b, t = key_valid_BxT.shape
     mask_Bx1xTxT = jnp.broadcast_to(key_valid_BxT[:, None, None, :], (b, 1, t, t))
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxKxTxH.transpose(0, 2, 1, 3), v_BxKxTxH.transpose(0, 2, 1, 3).astype(q_BxTxNxH.dtype),
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH.astype(q_BxTxNxH.dtype),
         mask=mask_Bx1xTxT, is_causal=True, implementation=implementation,
     )
 

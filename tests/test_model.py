@@ -157,7 +157,7 @@ def test_fused_attention_path_matches_grouped_query_attention():
     valid = jnp.array([[True] * t, [False, False] + [True] * (t - 2)])  # second row left-padded
     causal = jnp.tril(jnp.ones((t, t), bool))
     expected = grouped_query_attention(q, kk, v, causal[None] & valid[:, None, :])
-    got = fused_causal_attention(q, kk, v, valid, implementation="xla")
+    got = fused_causal_attention(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), valid, implementation="xla")
     np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
     np.testing.assert_allclose(got[1, 2:], expected[1, 2:], atol=1e-5)  # padded queries: any finite value
     assert bool(jnp.all(jnp.isfinite(got)))

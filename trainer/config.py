@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from models.config import AttentionImpl
 from models.errors import UserError
 from trainer import configlib
 from trainer.checkpoint import CheckpointConfig
@@ -38,7 +39,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (fp32 on CPU, bf16 on accelerators)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh (rollout workers: one device)
     # Learner-side full-sequence attention: "cudnn" is cuDNN's fused kernel (NVIDIA GPUs, bfloat16).
-    attention: Literal["xla", "cudnn"] = "xla"
+    attention: AttentionImpl = "xla"
 
     def __post_init__(self):
         if not self.source:

@@ -33,7 +33,7 @@ from trainer import kl as klmod
 from trainer import losses
 from trainer.kl import KLConfig
 from trainer.state import TrainState, apply_update, state_shardings
-from trainer.steps import (Batch, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
+from trainer.steps import (Batch, token_logprobs_and_entropy, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
                            replicated, split_rows)
 
 PPO_BATCH_KEYS = ("tokens_BxT", "attention_mask_BxT", "response_mask_BxT", "old_logprobs_BxT",
@@ -99,16 +99,6 @@ def replicated_like(state: TrainState):
 
 
 # ------------------------------------------------------------------------ model-side per-token arrays
-
-
-def token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT) -> tuple[jax.Array, jax.Array]:
-    """log π(tokens[t] | tokens[<t]) and the entropy of π(· | tokens[<t]) at every t (0 at t = 0), fp32 [B, T].
-
-    The LM head runs on the T−1 positions that predict a token (slicing the hidden states, not the
-    far larger logits)."""
-    hidden_BxTxD, _ = model.hidden(tokens_BxT, attention_mask_BxT)
-    logprob_BxT1, entropy_BxT1 = losses.logprobs_and_entropy(model.logits(hidden_BxTxD[:, :-1]), tokens_BxT[:, 1:])
-    return losses.shift_right(logprob_BxT1), losses.shift_right(entropy_BxT1)
 
 
 def token_logprobs(model, tokens_BxT, attention_mask_BxT) -> jax.Array:

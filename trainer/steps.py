@@ -104,12 +104,18 @@ def _finish(state: TrainState, update_stats: dict, metrics: dict) -> tuple[Train
 # ------------------------------------------------------------------------------------------- SFT
 
 
+def token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT) -> tuple[jax.Array, jax.Array]:
+    """log π(tokens[t] | tokens[<t]) and the entropy of π(· | tokens[<t]) at every t (0 at t = 0), fp32 [B, T].
+
+    The LM head runs on the T−1 positions that predict a token (slicing the hidden states, not the
+    far larger logits)."""
+    hidden_BxTxD, _ = model.hidden(tokens_BxT, attention_mask_BxT)
+    logprob_BxT1, entropy_BxT1 = losses.logprobs_and_entropy(model.logits(hidden_BxTxD[:, :-1]), tokens_BxT[:, 1:])
+    return losses.shift_right(logprob_BxT1), losses.shift_right(entropy_BxT1)
+
+
 def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
-    model = state.model(params)
-    hidden_BxTxD, _ = model.hidden(batch["tokens_BxT"], batch["attention_mask_BxT"])
-    # The LM head only where a next token exists: slicing hidden states, not the far larger logits.
-    logprob_BxT1, _ = losses.logprobs_and_entropy(model.logits(hidden_BxTxD[:, :-1]), batch["tokens_BxT"][:, 1:])
-    logprob_BxT = losses.shift_right(logprob_BxT1)
+    logprob_BxT, _ = token_logprobs_and_entropy(state.model(params), batch["tokens_BxT"], batch["attention_mask_BxT"])
     nll = losses.masked_nll(logprob_BxT, batch["loss_mask_BxT"], totals["tokens"])
     return nll, {"nll": nll}
 
