@@ -1,8 +1,9 @@
 """Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
 
 Every parameter carries `logical_axes` metadata (see models/sharding.py); activations are pinned with
-the same vocabulary when the model is given a mesh. One attention code path serves training (no
-cache), prefill and decode (a preallocated KV cache written at `cache_index`).
+the same vocabulary when the model is given a mesh. Attention (models/attention.py) takes one of
+two paths: a whole sequence without a cache (training, scoring), or a preallocated KV cache written
+at `cache_index` (prefill, decode).
 
 Tensor names end in their shape: B batch, T new tokens, S key/cache slots, D embed, N query heads,
 K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import causal_attention, fused_causal_attention, grouped_query_attention
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
 from models.sharding import MeshRules, constrain
@@ -105,22 +107,17 @@ class Attention(nnx.Module):
         v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt))
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
-        if cache is None and self.attention == "cudnn":
-            out_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH, key_valid_BxS)
-            return self._project_out(out_BxTxNxH), None
-        k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
-        v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+        if cache is None:  # a full sequence: training and scoring
+            attend = fused_causal_attention if self.attention == "cudnn" else causal_attention
+            return self._project_out(attend(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH, key_valid_BxS)), None
 
-        num_new = x_BxTxD.shape[1]
-        if cache is None:
-            k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
-            query_slots_T = jnp.arange(num_new)
-        else:
-            start = (0, 0, cache_index, 0)
-            k_BxKxSxH = jax.lax.dynamic_update_slice(cache.k_BxKxSxH, k_BxKxTxH.astype(cache.k_BxKxSxH.dtype), start)
-            v_BxKxSxH = jax.lax.dynamic_update_slice(cache.v_BxKxSxH, v_BxKxTxH.astype(cache.v_BxKxSxH.dtype), start)
-            new_cache = LayerCache(k_BxKxSxH, v_BxKxSxH)
-            query_slots_T = cache_index + jnp.arange(num_new)
+        start = (0, 0, cache_index, 0)
+        k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3).astype(cache.k_BxKxSxH.dtype)
+        v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3).astype(cache.v_BxKxSxH.dtype)
+        k_BxKxSxH = jax.lax.dynamic_update_slice(cache.k_BxKxSxH, k_BxKxTxH, start)
+        v_BxKxSxH = jax.lax.dynamic_update_slice(cache.v_BxKxSxH, v_BxKxTxH, start)
+        new_cache = LayerCache(k_BxKxSxH, v_BxKxSxH)
+        query_slots_T = cache_index + jnp.arange(x_BxTxD.shape[1])
         key_slots_S = jnp.arange(k_BxKxSxH.shape[2])
         causal_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
         mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
@@ -134,48 +131,6 @@ class Attention(nnx.Module):
         b, t, n, h = out_BxTxNxH.shape
         o_FxD = self.o_NxHxD[...].astype(self.dtype).reshape(n * h, -1)
         return project(out_BxTxNxH.reshape(b, t, n * h), o_FxD)
-
-
-def grouped_query_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS) -> jax.Array:
-    """softmax(q k^T / sqrt(H), masked) v, where query heads n = k*G + g share kv head k (G = N / K).
-
-    Logits and softmax are fp32 whatever the compute dtype; masked keys get a large finite negative
-    logit (not -inf) so a query with no valid key (a left-padding position) yields finite output.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxKxSxH.shape[1]
-    g = n // k
-    large_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    scale = jnp.float32(1.0 / h**0.5)
-    if t == 1:
-        # Decode: logits as (B, K, S, G) with the cache as the streamed left operand. XLA CPU turns
-        # the (B, K, G, S) form into a naive loop fusion with the softmax, reading the cache 2-3x slower.
-        q_BxKxGxH = q_BxTxNxH.reshape(b, k, g, h)
-        logits_BxKxSxG = jnp.einsum("bksh,bkgh->bksg", k_BxKxSxH, q_BxKxGxH, preferred_element_type=jnp.float32)
-        logits_BxKxSxG = jnp.where(mask_BxTxS[:, 0, None, :, None], logits_BxKxSxG * scale, large_negative)
-        probs_BxKxSxG = jax.nn.softmax(logits_BxKxSxG, axis=2).astype(v_BxKxSxH.dtype)
-        out_BxKxGxH = jnp.einsum("bksg,bksh->bkgh", probs_BxKxSxG, v_BxKxSxH)
-        return out_BxKxGxH.reshape(b, 1, n, h)
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, g, h)
-    logits_BxKxGxTxS = jnp.einsum(
-        "btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32
-    ) * scale
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, large_negative)
-    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
-
-
-def fused_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, implementation="cudnn") -> jax.Array:
-    """Causal grouped-query attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel
-    by default): the maths of `grouped_query_attention` without a cache. Padding keys are masked;
-    a query with no valid key (left padding) gets some finite output that callers mask out."""
-    b, t = key_valid_BxT.shape
-    mask_Bx1xTxT = jnp.broadcast_to(key_valid_BxT[:, None, None, :], (b, 1, t, t))
-    return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH.astype(q_BxTxNxH.dtype),
-        mask=mask_Bx1xTxT, is_causal=True, implementation=implementation,
-    )
 
 
 class MLP(nnx.Module):
