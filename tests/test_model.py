@@ -106,7 +106,9 @@ def test_gqa_and_scaled_rope_match_numpy_reference(tie):
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
 
 
-def test_decode_with_cache_equals_full_forward():
+@pytest.mark.parametrize("out_major", [False, True], ids=["in-major", "out-major"])
+def test_decode_with_cache_equals_full_forward(out_major):
+    """Also with the transposed weight copies the CPU sampler decodes small batches with."""
     config = PRESETS["tiny"]
     model = build_llama(config, random_params(config, seed=1))
     tokens_BxT = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)))
@@ -114,7 +116,8 @@ def test_decode_with_cache_equals_full_forward():
     mask_BxT = jnp.ones((2, 12), bool).at[0, :3].set(False)
     positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
     full_BxTxV = nnx.jit(lambda m, *args: m(*args))(model, tokens_BxT, mask_BxT, positions_BxT)
-    decode = nnx.jit(lambda m, *args: m.decode(*args))  # two compiles (prefill, one token) instead of eager ops
+    # Two compiles (prefill, one token) instead of eager ops.
+    decode = nnx.jit(lambda m, *args: m.decode(*args, m.out_major_projections() if out_major else None))
 
     cache = KVCache.zeros(config, batch=2, slots=16)
     prefill = 7
