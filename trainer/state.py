@@ -123,20 +123,25 @@ def train_state_from_model(model: nnx.Module, optimizer_config: OptimizerConfig,
 def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[TrainState, dict]:
     """One optimizer update, skipped when the loss or the gradient norm is not finite.
 
-    A skipped update leaves params and optimizer state bit-identical (a select, not arithmetic) and
-    increments `nonfinite_streak`; see `NonFiniteGuard` for stopping the run.
+    A skipped update leaves params and optimizer state bit-identical and increments
+    `nonfinite_streak`; see `NonFiniteGuard` for stopping the run. The update runs inside a
+    `lax.cond` rather than being computed and then selected away: a select needs the old and the
+    new params and optimizer state alive at once, where a branch can update them in place.
     """
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
 
-    def keep_if_ok(new, old):
-        return jnp.where(ok, new, old)
+    def update(params, opt_state):
+        updates, new_opt_state = state.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
 
+    def skip(params, opt_state):
+        return params, opt_state
+
+    params, opt_state = jax.lax.cond(ok, update, skip, state.params, state.opt_state)
     new_state = state.replace(
-        params=jax.tree.map(keep_if_ok, new_params, state.params),
-        opt_state=jax.tree.map(keep_if_ok, new_opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
     )
     return new_state, {"grad_norm": grad_norm, "skipped_update": (~ok).astype(jnp.float32)}
