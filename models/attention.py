@@ -60,8 +60,9 @@ def fused_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, imple
 # backward products, and for the key and value gradients (contracting over the queries) XLA:CPU
 # then copies the (queries × keys) probabilities and their gradient into a transposed layout for
 # every layer. Here each product is written out so that the big (M, S) operand is always used in
-# its stored layout and only the small (M, H) and (S, H) operands are transposed: one SmolLM2
-# layer's forward + backward goes from 19 to 14 ms on two CPU cores (`benchmarks/` PPO update ~3%).
+# its stored layout and only the small (M, H) and (S, H) operands are transposed. On two CPU cores
+# one SmolLM2 layer's forward + backward goes from 19 to 14 ms, and `cairl bench ppo` from 9.7 s
+# to 8.3 s per update.
 
 
 def _to_rows(x_BxTxNxH: jax.Array, kv_heads: int) -> jax.Array:

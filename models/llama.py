@@ -119,10 +119,10 @@ class Attention(nnx.Module):
         out_major: Projections | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         dt = self.dtype
-        t = out_major or {}
-        q_BxTxNxH = project(x_BxTxD, self.q_DxNxH[...].astype(dt), t.get("q"))
-        k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt), t.get("k"))
-        v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt), t.get("v"))
+        transposed = out_major or {}
+        q_BxTxNxH = project(x_BxTxD, self.q_DxNxH[...].astype(dt), transposed.get("q"))
+        k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt), transposed.get("k"))
+        v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt), transposed.get("v"))
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
         if cache is None:  # a full sequence: training and scoring
@@ -141,7 +141,7 @@ class Attention(nnx.Module):
         mask_BxTxS = causal_TxS[None] & key_valid_BxS[:, None, :]
 
         out_BxTxNxH = grouped_query_attention(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask_BxTxS)
-        return self._project_out(out_BxTxNxH, t.get("o")), new_cache
+        return self._project_out(out_BxTxNxH, transposed.get("o")), new_cache
 
     def _project_out(self, out_BxTxNxH: jax.Array, o_DxF: jax.Array | None = None) -> jax.Array:
         # One (N*H) contraction on explicitly flattened operands: given two contracting dims, XLA may
@@ -164,11 +164,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: jax.Array, out_major: Projections | None = None) -> jax.Array:
         dt = self.dtype
-        t = out_major or {}
-        gate_BxTxF = project(x_BxTxD, self.gate_DxF[...].astype(dt), t.get("gate"))
-        up_BxTxF = project(x_BxTxD, self.up_DxF[...].astype(dt), t.get("up"))
+        transposed = out_major or {}
+        gate_BxTxF = project(x_BxTxD, self.gate_DxF[...].astype(dt), transposed.get("gate"))
+        up_BxTxF = project(x_BxTxD, self.up_DxF[...].astype(dt), transposed.get("up"))
         hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.mesh_rules)
-        return project(hidden_BxTxF, self.down_FxD[...].astype(dt), t.get("down"))
+        return project(hidden_BxTxF, self.down_FxD[...].astype(dt), transposed.get("down"))
 
 
 class Block(nnx.Module):
@@ -244,8 +244,8 @@ class Llama(nnx.Module):
         return self.final_norm(x_BxTxD), new_cache
 
     def logits(self, hidden_BxTxD: jax.Array, out_major: bool = False) -> jax.Array:
-        """fp32 logits; `out_major`: the tied (V, D) embedding is already out-major, so few-row
-        (decode) calls use `project_out_major`."""
+        """fp32 logits. `out_major` (decode steps on CPU): a tied (V, D) embedding is already
+        out-major, so it goes through `project_out_major`; an untied head keeps its layout."""
         dt = jnp.dtype(self.config.dtype)
         if self.config.tie_embeddings and out_major:
             logits = project_out_major(hidden_BxTxD, self.embed_VxD[...].astype(dt))
