@@ -191,6 +191,21 @@ def test_causal_attention_matches_grouped_query_attention_values_and_gradients()
     assert float(jnp.abs(got[0][1, :3]).max()) == 0.0  # queries with no valid key
 
 
+def test_causal_attention_in_bfloat16_returns_bfloat16_gradients_close_to_float32():
+    b, t, n, k, h = 2, 5, 4, 2, 8
+    q, kk, v = (jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in
+                enumerate([(b, t, n, h), (b, t, k, h), (b, t, k, h)]))
+    valid = jnp.ones((b, t), bool)
+
+    def grads(dtype):
+        loss = lambda q, kk, v: jnp.sum(causal_attention(q, kk, v, valid).astype(jnp.float32) ** 2)
+        return jax.grad(loss, argnums=(0, 1, 2))(q.astype(dtype), kk.astype(dtype), v.astype(dtype))
+
+    for g16, g32 in zip(grads(jnp.bfloat16), grads(jnp.float32)):
+        assert g16.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g16.astype(jnp.float32), g32, atol=0.1, rtol=0.05)
+
+
 def test_cudnn_attention_needs_a_16_bit_dtype():
     from models.config import ModelConfigError
 
