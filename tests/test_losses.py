@@ -21,9 +21,10 @@ def test_masked_nll_by_hand():
 def test_token_logprobs_and_entropy_are_shifted_onto_the_predicted_token():
     logits = jnp.zeros((1, 3, 4)).at[0, 0, 2].set(math.log(3.0))  # position 0 predicts token 2 with p = 1/2
     tokens = jnp.array([[1, 2, 0]])
-    logprob = losses.token_logprobs_from_logits(logits, tokens)
+    # Logits at t predict token t + 1; shift_right lines each value up with the token it scores.
+    logprob_BxT1, entropy_BxT1 = losses.logprobs_and_entropy(logits[:, :-1], tokens[:, 1:])
+    logprob, entropy = losses.shift_right(logprob_BxT1), losses.shift_right(entropy_BxT1)
     np.testing.assert_allclose(logprob, [[0.0, math.log(0.5), math.log(0.25)]], rtol=1e-6)
-    entropy = losses.token_entropy_from_logits(logits)
     h0 = -(0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6))
     np.testing.assert_allclose(entropy, [[0.0, h0, math.log(4)]], rtol=1e-6)
 

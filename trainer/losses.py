@@ -54,21 +54,6 @@ def shift_right(x_BxT: jax.Array) -> jax.Array:
     return jnp.pad(x_BxT, ((0, 0), (1, 0)))
 
 
-def token_logprobs_from_logits(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
-    """logprob[:, t] = log softmax(logits[:, t-1])[tokens[:, t]] for t ≥ 1; logprob[:, 0] = 0.
-
-    Logits at position t predict token t+1, so the result is shifted right by one to line up with
-    the token it scores.
-    """
-    return shift_right(logprobs_and_entropy(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])[0])
-
-
-def token_entropy_from_logits(logits_BxTxV: jax.Array) -> jax.Array:
-    """H[:, t] = -Σ_v p_v log p_v of the distribution that produced token t (shifted like logprobs)."""
-    targets = jnp.zeros(logits_BxTxV.shape[:2], jnp.int32)[:, 1:]
-    return shift_right(logprobs_and_entropy(logits_BxTxV[:, :-1], targets)[1])
-
-
 def masked_nll(logprob_BxT: jax.Array, loss_mask_BxT: jax.Array, denominator=None) -> jax.Array:
     """Token-level negative log-likelihood: L = -Σ_t m_t log p(x_t | x_<t) / Σ_t m_t."""
     return masked_mean(-logprob_BxT, loss_mask_BxT, denominator)

@@ -33,8 +33,8 @@ from trainer import kl as klmod
 from trainer import losses
 from trainer.kl import KLConfig
 from trainer.state import TrainState, apply_update, state_shardings
-from trainer.steps import (Batch, token_logprobs_and_entropy, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
-                           replicated, split_rows)
+from trainer.steps import (Batch, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
+                           replicated, split_rows, token_logprobs_and_entropy)
 
 PPO_BATCH_KEYS = ("tokens_BxT", "attention_mask_BxT", "response_mask_BxT", "old_logprobs_BxT",
                   "ref_logprobs_BxT", "old_values_BxT", "scores_B")
