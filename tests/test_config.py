@@ -123,3 +123,11 @@ def test_a_run_saved_before_a_new_config_key_still_resumes(tmp_path):
     changed = load_run_config(None, [f"run.runs_dir={tmp_path}", "model.dtype=bfloat16"])
     with pytest.raises(RunDirError, match="different 'model' section"):
         prepare_run_dir(changed, resume=True)
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # PyYAML (YAML 1.1) reads 2e-5 as a string; configs and overrides mean the number.
+    config = load_run_config(None, ["sl.optimizer.learning_rate=2e-5", "rm.optimizer.learning_rate=3E-4"])
+    assert config.sl.optimizer.learning_rate == 2e-5 and config.rm.optimizer.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_run_config(None, ["sl.optimizer.learning_rate=fast"])

@@ -152,3 +152,24 @@ def test_smollm2_critiques_a_harmful_answer(smollm2):
     assert len(critique.split()) >= 5, critique  # real text, several words
     assert critique != harmful and "<|im" not in critique
     assert record.final_revision and record.final_revision != harmful
+
+
+def test_direct_revisions_skip_the_critique_and_carry_the_constitution_guidance():
+    constitution = load_constitution("default")
+    seen = []
+
+    class Recorder(FakeGenerator):
+        def generate(self, chats, max_new_tokens):
+            seen.append([chat[-1]["content"] for chat in chats])
+            return super().generate(chats, max_new_tokens)
+
+    records = run_sl_cai(PROMPTS[:3], constitution, Recorder(),
+                         CritiqueConfig(rounds=1, num_few_shot=1, revision_style="direct", seed=1))
+    assert len(seen) == 2  # the answers, then the revisions: no critique call
+    for record, request in zip(records, seen[1]):
+        principle = constitution.principle(record.rounds[0].principle_id)
+        assert request.endswith(principle.revision_request.strip())
+        assert constitution.revision_guidance in request
+        assert record.rounds[0].critique == ""
+        assert record.final_revision == f"answer to {request}"
+    assert constitution.revision_guidance.startswith("Answer harmless questions fully")

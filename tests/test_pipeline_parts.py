@@ -67,3 +67,32 @@ def test_report_from_run_files(tmp_path):
     assert "held-out accuracy: **0.750**" in report and "change +0.2000" in report
     assert (tmp_path / "plots" / "ppo.png").stat().st_size > 1000
     assert read_records(tmp_path / "metrics.jsonl")[-1]["ppo/kl"] == 0.02
+
+
+def test_interleave_can_cycle_the_shorter_sets():
+    assert _interleave([[1, 2, 3, 4], ["a", "b"]], cycle=True) == [1, "a", 2, "b", 3, "a", 4, "b"]
+    assert _interleave([[], [1]], cycle=True) == [1]
+
+
+def test_revision_pairs_prefer_the_revision_and_skip_unrevised_prompts():
+    from trainer.stages.label import revision_pairs
+
+    def record(uid, answer, revision, rounds=True):
+        return {"uid": uid, "prompt": f"p{uid}", "initial_response": answer, "final_revision": revision,
+                "rounds": [{"principle_id": "harm", "critique": "", "revision": revision}] if rounds else [],
+                "constitution_hash": "h"}
+
+    pairs = revision_pairs([record("a", "Sure, here is how.", "I can't help with that."),
+                            record("same", "Same.", "Same."), record("empty", "x", ""),
+                            record("kept", "An answer.", "An answer, kept.", rounds=False)], 0.8)
+    assert list(pairs) == ["a"]
+    assert pairs["a"]["response_a"] == "I can't help with that." and pairs["a"]["response_b"] == "Sure, here is how."
+    assert pairs["a"]["p_a"] == 0.8 and pairs["a"]["principle_ids"] == ["harm"]
+
+
+def test_helpful_answers_become_their_own_sft_targets():
+    from trainer.stages.sl import answer_record, sft_pairs
+
+    record = answer_record("u", {"prompt": "How do I bake bread?", "response": "Mix flour and water.",
+                                 "constitution_hash": "h", "worker": "w"})
+    assert sft_pairs([record]) == [([{"role": "user", "content": "How do I bake bread?"}], "Mix flour and water.")]

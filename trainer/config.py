@@ -58,6 +58,9 @@ class DataSection:
     ppo_prompts: int = 16  # prompts PPO cycles over
     eval_count: int = 8  # held-out prompts for evaluation
     max_prompt_tokens: int = 96  # chat-rendered prompt tokens kept (longer prompts keep their end)
+    # Shorter prompt sets repeat until the longest is used up, so every stage's slice keeps the mix
+    # (48 helpful prompts beside 3,000 red-team ones would otherwise all land in the first slice).
+    cycle_sets: bool = False
 
     def __post_init__(self):
         if not self.prompts or not self.eval_prompts:
@@ -71,7 +74,13 @@ class DataSection:
 class SLSection:
     rounds: int = 1  # critique → revision rounds per prompt
     few_shot: int = 1  # few-shot critique examples in each prompt
-    revision_style: Literal["chat", "fresh"] = "chat"  # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models)
+    # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models);
+    # direct: answer anew guided by the constitution's guidance and the principle, no critique (paper §3.5)
+    revision_style: Literal["chat", "fresh", "direct"] = "chat"
+    # Prompt sets (their source names, e.g. "helpful_train") answered but not critiqued: the answers join
+    # the SFT data unchanged, so fine-tuning on revisions does not teach refusing everything (the paper
+    # mixes helpful samples into SL-CAI the same way).
+    helpful_sources: tuple[str, ...] = ()
     max_new_tokens: int = 64  # per answer, critique and revision
     temperature: float = 0.0  # 0 = greedy
     sft_steps: int = 8  # SFT updates on the final revisions
@@ -96,8 +105,15 @@ class LabelSection:
     debias_order: bool = True  # also ask with the answers swapped, average the two estimates
     chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped
     cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%)
+    # sampled: two samples per prompt, labelled by the feedback model (the paper);
+    # revisions: SL-CAI's (final revision, initial answer) pairs, the revision preferred with
+    # probability revision_p -- the critique-and-revision step did the judging (no feedback model).
+    pairs: Literal["sampled", "revisions"] = "sampled"
+    revision_p: float = 0.9  # soft label of the revision in `revisions` pairs (conservative, not 1)
 
     def __post_init__(self):
+        if not 0.5 < self.revision_p <= 1.0:
+            raise RunConfigError(f"label.revision_p must be in (0.5, 1], got {self.revision_p}")
         if self.principles_per_pair < 1 or self.max_new_tokens < 1:
             raise RunConfigError("label: principles_per_pair and max_new_tokens must be ≥ 1")
         lo, hi = self.cot_clamp

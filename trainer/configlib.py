@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -123,6 +124,9 @@ def load(cls: type[T], config_path: str | Path | None, overrides: Sequence[str] 
     return build(cls, data, located)
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(tp: Any, value: Any, located: Located, path: tuple[str, ...]) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -169,6 +173,8 @@ def _convert(tp: Any, value: Any, located: Located, path: tuple[str, ...]) -> An
             raise ConfigError(f"{located.where(path)}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; every user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{located.where(path)}: expected a number, got {value!r}")
         return float(value)

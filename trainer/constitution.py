@@ -153,6 +153,9 @@ class Constitution:
     version: str  # bump when the wording changes; the hash changes anyway
     principles: tuple[Principle, ...]  # the rules, at least one
     description: str = ""  # free text for humans
+    # One instruction that sums the constitution up for the model answering: the guidance of direct
+    # revisions (sl.revision_style: direct). Empty = `description`.
+    guidance: str = ""
     critique_examples: tuple[CritiqueExample, ...] = ()  # few-shot critique/revision demonstrations
     feedback_examples: tuple[FeedbackExample, ...] = ()  # few-shot pairwise judgements
 
@@ -195,6 +198,11 @@ class Constitution:
         if example.principle:
             return self.principle(example.principle).comparison
         return self.comparison_principles[0].comparison
+
+    @property
+    def revision_guidance(self) -> str:
+        """What a direct revision is told on top of its principle's revision request."""
+        return (self.guidance or self.description).strip()
 
     # -- identity ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from trainer.prompts import (
     clean_generation,
     critique_chat,
     critique_example_turns,
+    direct_revision_chat,
     fresh_revision_chat,
     prompt_messages,
     revision_chat,
@@ -50,13 +51,15 @@ class CritiqueConfig:
     critique_tokens: int = 96  # budget of each critique
     revision_tokens: int = 128  # budget of each revision
     seed: int = 0  # principle and few-shot sampling
-    revision_style: Literal["chat", "fresh"] = "chat"  # chat: revise after the critique (the paper); fresh: answer anew with it as guidance
+    # chat: revise after the critique (the paper); fresh: answer anew with the critique as guidance;
+    # direct: answer anew guided by the constitution and the principle, no critique (the paper's §3.5 ablation)
+    revision_style: Literal["chat", "fresh", "direct"] = "chat"
 
     def __post_init__(self):
         if self.rounds < 1:
             raise UserError(f"critique: rounds must be >= 1, got {self.rounds}")
-        if self.revision_style not in ("chat", "fresh"):
-            raise UserError(f"critique: revision_style must be 'chat' or 'fresh', got {self.revision_style!r}")
+        if self.revision_style not in ("chat", "fresh", "direct"):
+            raise UserError(f"critique: revision_style must be 'chat', 'fresh' or 'direct', got {self.revision_style!r}")
         if self.num_few_shot < 0:
             raise UserError(f"critique: num_few_shot must be >= 0, got {self.num_few_shot}")
         for name in ("response_tokens", "critique_tokens", "revision_tokens"):
@@ -151,19 +154,18 @@ def run_sl_cai(
     rounds: list[list[CritiqueRound]] = [[] for _ in prompts]
     for round_index in range(config.rounds):
         principles = [sample_principle(constitution, config.seed, p.uid, round_index) for p in prompts]
-        critique_chats = [
-            critique_chat(conv, answer, principle.critique_request, shots)
-            for conv, answer, principle, shots in zip(conversations, current, principles, few_shot)
-        ]
-        critiques = [clean_generation(t) for t in generator.generate(critique_chats, config.critique_tokens)]
-        if config.revision_style == "fresh":
-            revision_chats = [fresh_revision_chat(conv, critique, principle.revision_request)
-                              for conv, principle, critique in zip(conversations, principles, critiques)]
+        if config.revision_style == "direct":
+            critiques = [""] * len(prompts)  # a direct revision is guided by the constitution alone
         else:
-            revision_chats = [
-                revision_chat(conv, answer, principle.critique_request, critique, principle.revision_request, shots)
-                for conv, answer, principle, critique, shots in zip(conversations, current, principles, critiques, few_shot)
+            critique_chats = [
+                critique_chat(conv, answer, principle.critique_request, shots)
+                for conv, answer, principle, shots in zip(conversations, current, principles, few_shot)
             ]
+            critiques = [clean_generation(t) for t in generator.generate(critique_chats, config.critique_tokens)]
+        revision_chats = [
+            _revision_chat(config.revision_style, constitution, conv, answer, principle, critique, shots)
+            for conv, answer, principle, critique, shots in zip(conversations, current, principles, critiques, few_shot)
+        ]
         revisions = [clean_generation(t) for t in generator.generate(revision_chats, config.revision_tokens)]
         for i, (principle, critique, revision) in enumerate(zip(principles, critiques, revisions)):
             rounds[i].append(CritiqueRound(principle.id, critique, revision))
@@ -181,6 +183,15 @@ def run_sl_cai(
         )
         for prompt, initial, prompt_rounds, final in zip(prompts, initial_responses, rounds, current)
     ]
+
+
+def _revision_chat(style: str, constitution: Constitution, conversation: Chat, answer: str, principle: Principle,
+                   critique: str, few_shot: Chat) -> Chat:
+    if style == "direct":
+        return direct_revision_chat(conversation, constitution.revision_guidance, principle.revision_request)
+    if style == "fresh":
+        return fresh_revision_chat(conversation, critique, principle.revision_request)
+    return revision_chat(conversation, answer, principle.critique_request, critique, principle.revision_request, few_shot)
 
 
 def sft_examples(records: Iterable[CritiqueRecord]) -> list[SFTExample]:

@@ -144,11 +144,13 @@ class Context:
     prompts: dict  # name -> list[Prompt]
 
 
-def _interleave(sets: list[list]) -> list:
-    out, i = [], 0
-    while any(i < len(s) for s in sets):
-        out.extend(s[i] for s in sets if i < len(s))
-        i += 1
+def _interleave(sets: list[list], cycle: bool = False) -> list:
+    """One item of each set in turn; a used-up set drops out, or with `cycle` starts again until the
+    longest set is used up."""
+    sets = [s for s in sets if s]
+    out, longest = [], max((len(s) for s in sets), default=0)
+    for i in range(longest):
+        out.extend(s[i % len(s)] for s in sets if cycle or i < len(s))
     return out
 
 
@@ -158,7 +160,7 @@ def load_prompts(config: RunConfig) -> dict:
 
     data_dir = config.data.data_dir or str(Path(os.environ.get("CAIRL_CACHE") or Path.home() / ".cache" / "cairl")
                                            / "tfds")
-    train = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.prompts])
+    train = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.prompts], config.data.cycle_sets)
     held = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.eval_prompts])
     train_uids = {p.uid for p in train}
     held = [p for p in held if p.uid not in train_uids][: config.data.eval_count]

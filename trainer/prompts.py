@@ -128,6 +128,16 @@ def fresh_revision_chat(conversation: Chat, critique: str, revision_request: str
     return contrast_chat(conversation, guidance)
 
 
+def direct_revision_chat(conversation: Chat, guidance: str, revision_request: str) -> Chat:
+    """Ask for the revision as a new answer, guided by the constitution and the principle, without a critique.
+
+    The CAI paper's "direct revision" ablation (§3.5): revising without first writing a critique.
+    A 135M model's critiques are mostly off-topic or repeat its answer, and a revision guided by them
+    refuses no more often than the answer it revises; one guided by the constitution does.
+    """
+    return contrast_chat(conversation, f"{guidance.strip()} {revision_request.strip()}".strip())
+
+
 # -- AI feedback ----------------------------------------------------------------------------------
 def comparison_question(conversation: Chat, answers: Sequence[str], comparison: str, chain_of_thought: bool = False) -> str:
     """The multiple-choice question: the conversation, the principle's question, the options (A), (B), ..."""
