@@ -154,4 +154,9 @@ def load(source: str, *, mesh_rules: MeshRules | None = None, dtype: str | None 
 
 def model_params(model: nnx.Module) -> Params:
     """Flat numpy params of a (possibly sharded) model, gathered to the host: the inverse of build_module."""
-    return {path: np.asarray(jax.device_get(variable[...])) for path, variable in _flat_paths(nnx.state(model, nnx.Param))}
+    return host_params(nnx.state(model, nnx.Param))
+
+
+def host_params(state: nnx.State) -> Params:
+    """Flat numpy copy of an nnx parameter state (possibly sharded over many devices), keyed by path."""
+    return {path: np.asarray(jax.device_get(variable[...])) for path, variable in _flat_paths(state)}

@@ -16,7 +16,8 @@ Batch (B rows, T positions, per-token arrays aligned with the token they concern
   tokens_BxT int32, attention_mask_BxT, response_mask_BxT (1 on generated tokens),
   old_logprobs_BxT (rollout policy), ref_logprobs_BxT (reference policy), old_values_BxT (value
   model at rollout time, `token_values`), scores_B (preference-model score of each response).
-`token_logprobs` / `token_values` compute the aligned arrays from a model with the same convention.
+`steps.token_logprobs_and_entropy` / `token_values` compute the aligned arrays from a model with the same
+convention.
 """
 
 from __future__ import annotations
@@ -99,11 +100,6 @@ def replicated_like(state: TrainState):
 
 
 # ------------------------------------------------------------------------ model-side per-token arrays
-
-
-def token_logprobs(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
-    """log π(tokens[t] | tokens[<t]) at every t (0 at t = 0), fp32 [B, T]."""
-    return token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT)[0]
 
 
 def token_values(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
@@ -215,10 +211,6 @@ def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch:
     return PPOState(policy=policy, value=value, beta=new_beta), metrics
 
 
-def ppo_state_shardings(state: PPOState, mesh_rules: MeshRules):
-    return state_shardings(state, mesh_rules)
-
-
 def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
     """Jitted `(ppo_state, batch) -> (ppo_state, metrics)` with explicit shardings, state donated.
 
@@ -228,7 +220,7 @@ def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
     beta (used for this batch), score, reward, returns, explained_variance (rollout values vs
     returns), response_length, nonfinite_streak, step.
     """
-    shardings = ppo_state_shardings(state, mesh_rules)
+    shardings = state_shardings(state, mesh_rules)
     return jax.jit(
         lambda s, b: ppo_update(config, mesh_rules, s, b),
         in_shardings=(shardings, batch_sharding(mesh_rules)),
@@ -240,7 +232,7 @@ def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
 def make_token_fn(state: TrainState, mesh_rules: MeshRules, kind: str):
     """Jitted `(train_state, tokens_BxT, attention_mask_BxT) -> [B, T]` aligned per-token arrays:
     kind 'logprobs' (policy or reference, a Llama) or 'values' (value model, a ScalarModel)."""
-    fn = {"logprobs": token_logprobs, "values": token_values}[kind]
+    fn = {"logprobs": lambda *a: token_logprobs_and_entropy(*a)[0], "values": token_values}[kind]
     return jax.jit(
         lambda s, tokens, mask: fn(s.model(), tokens, mask),
         in_shardings=(state_shardings(state, mesh_rules), batch_sharding(mesh_rules), batch_sharding(mesh_rules)),

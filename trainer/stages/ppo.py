@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from trainer.learners.requests import Rollout
 from trainer.ledger import Ledger, read_records, truncate_records
 from trainer.stages.common import dispatch_prompts, progress
 from trainer.stages.label import label_weights
@@ -50,8 +51,8 @@ def run_ppo(ctx) -> None:
 
     cfg, learner = ctx.config, ctx.learner
     setup = ray.get(learner.setup.remote("ppo"))
-    done_iterations = int(setup["extras"].get("iteration", 0))
-    extras = dict(setup["extras"])
+    done_iterations = int(setup.extras.get("iteration", 0))
+    extras = dict(setup.extras)
     base = 1 if ctx.stages.done("sl") else 0
     ctx.metrics.truncate("ppo", done_iterations)
     rollouts_path = ctx.run_dir / "samples" / "rollouts.jsonl"
@@ -80,8 +81,8 @@ def run_ppo(ctx) -> None:
                              desc=f"ppo rollouts {it + 1}")
             rollout_seconds = time.perf_counter() - t0
             records = {r["uid"]: r for r in read_records(rollouts_path) if r["uid"] in by_uid}
-            rollouts = [records[u] for u in by_uid]
-            metrics = ray.get(learner.ppo_step.remote(rollouts))
+            rollouts = [Rollout.from_record(records[u]) for u in by_uid]
+            metrics = ray.get(learner.train_step.remote(rollouts))
             t1 = time.perf_counter()
             version += 1
             weights = ray.get(learner.publish.remote(version))

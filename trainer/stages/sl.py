@@ -15,13 +15,12 @@ from trainer.weights import WeightHandle
 log = logging.getLogger(__name__)
 
 
-def sft_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
-    """(prompt chat messages, final revision) pairs (trainer.critique.sft_examples)."""
+def sft_data(records: list[dict]) -> list:
+    """(prompt chat messages, final revision) examples of the sl.jsonl records (trainer.critique.sft_examples)."""
     from trainer.critique import CritiqueRecord, sft_examples
 
     fields = {f for f in CritiqueRecord.__dataclass_fields__}
-    examples = sft_examples(CritiqueRecord.from_json({k: v for k, v in r.items() if k in fields}) for r in records)
-    return [(list(e.messages), e.response) for e in examples]
+    return sft_examples(CritiqueRecord.from_json({k: v for k, v in r.items() if k in fields}) for r in records)
 
 
 def run_sl(ctx) -> None:
@@ -35,11 +34,11 @@ def run_sl(ctx) -> None:
               "temperature": cfg.sl.temperature, "seed": cfg.run.seed}
     stats = dispatch_prompts(ctx, "sl", ledger, prompts, "sl", params, WeightHandle(0, None), desc="sl critique")
     ctx.stages.update("sl", critique_seconds=round(stats.seconds, 1), worker_deaths=stats.worker_deaths)
-    pairs = sft_pairs(ledger.records())
-    if not pairs:
+    examples = sft_data(ledger.records())
+    if not examples:
         raise RuntimeError("SL-CAI produced no non-empty revisions to fine-tune on")
-    start = ray.get(ctx.learner.setup.remote("sl"))["step"]
-    ray.get(ctx.learner.set_sft_data.remote(pairs))
+    start = ray.get(ctx.learner.setup.remote("sl")).step
+    ray.get(ctx.learner.set_data.remote(examples))
     learner_loop(ctx, "sl", cfg.sl.sft_steps, start, cfg.checkpoint.every_steps)
-    ray.get(ctx.learner.save_final_params.remote())  # what later stages load: parameters only
+    ray.get(ctx.learner.finish.remote())  # the SL policy stays on the learner's devices for later stages
     ray.get(ctx.learner.close.remote())
