@@ -171,6 +171,14 @@ def test_adaptive_kl_controller_by_hand():
     assert float(klmod.update_beta(fixed, klmod.initial_beta(fixed), jnp.float32(100.0), 100)) == pytest.approx(0.3)
 
 
+def test_adaptive_beta_ignores_a_non_finite_kl():
+    """One NaN or infinite batch KL (a diverged batch) must not make β NaN for the rest of the run."""
+    config = klmod.KLConfig(kind="adaptive", beta=0.1, target=6.0, horizon=1000)
+    beta = klmod.initial_beta(config)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert float(klmod.update_beta(config, beta, jnp.float32(bad), 100)) == pytest.approx(0.1)
+
+
 def test_kl_config_rejects_bad_values():
     with pytest.raises(klmod.KLConfigError, match="estimator"):
         klmod.KLConfig(estimator="k2")

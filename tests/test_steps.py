@@ -261,6 +261,16 @@ def test_non_finite_update_is_skipped_bit_identically(eight_devices):
     assert int(metrics["nonfinite_streak"]) == 0
 
 
+def test_target_kl_stops_the_epochs_of_a_batch(eight_devices):
+    """An off-policy batch (random rollout log-probs) has an approximate KL far above 1e-6 in the first
+    epoch: the other two epochs do not run, leaving exactly the weights of a one-epoch update."""
+    stopped_params, stopped = run_ppo((2, 2, 2), config=PPOConfig(epochs=3, minibatches=1, target_kl=1e-6))
+    one_epoch_params, _ = run_ppo((2, 2, 2), config=PPOConfig(epochs=1, minibatches=1))
+    assert stopped["epochs_run"] == 1.0 and stopped["approx_kl"] > 1e-6
+    for x, y in zip(jax.tree.leaves(stopped_params), jax.tree.leaves(one_epoch_params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_ppo_rejects_minibatch_not_divisible_by_shards(eight_devices):
     from trainer.mesh import MeshError
 

@@ -173,8 +173,11 @@ class RunSection:
     seed: int = 0
     stages: tuple[Stage, ...] = STAGES  # which stages to run, in this order
     export: bool = True  # write hf/ with the final policy
+    max_nonfinite_updates: int = 5  # stop (checkpoint saved) after this many updates in a row were skipped as non-finite
 
     def __post_init__(self):
+        if self.max_nonfinite_updates < 1:
+            raise RunConfigError(f"run.max_nonfinite_updates must be ≥ 1, got {self.max_nonfinite_updates}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise RunConfigError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' only")
         order = [STAGES.index(s) for s in self.stages]

@@ -56,6 +56,7 @@ class PPOConfig:
     lam: float = 0.95  # GAE λ
     whiten_advantages: bool = True  # normalise advantages over the batch's response tokens
     epochs: int = 1  # passes over each rollout batch
+    target_kl: float | None = None  # stop a batch's epochs after one whose mean approximate KL exceeds this; None: all epochs
     minibatches: int = 1  # updates per pass
     kl: KLConfig = dataclasses.field(default_factory=KLConfig)  # KL penalty in the reward
 
@@ -70,6 +71,8 @@ class PPOConfig:
             raise PPOConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.vf_coef < 0 or self.entropy_coef < 0:
             raise PPOConfigError("ppo.vf_coef and ppo.entropy_coef must be ≥ 0")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise PPOConfigError(f"ppo.update.target_kl must be > 0 or null, got {self.target_kl}")
         if self.epochs < 1 or self.minibatches < 1:
             raise PPOConfigError(f"ppo.epochs and ppo.minibatches must be ≥ 1, got {self.epochs}, {self.minibatches}")
 
@@ -162,8 +165,26 @@ def _minibatch_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState,
     policy, p_stats = apply_update(state.policy, p_grads, p_loss)
     value, v_stats = apply_update(state.value, v_grads, v_loss)
     metrics = {**p_aux, **v_aux, "policy_grad_norm": p_stats["grad_norm"], "value_grad_norm": v_stats["grad_norm"],
-               "policy_skipped": p_stats["skipped_update"], "value_skipped": v_stats["skipped_update"]}
+               "policy_skipped": p_stats["skipped"], "value_skipped": v_stats["skipped"]}
     return state.replace(policy=policy, value=value), metrics
+
+
+def _epochs_with_kl_stop(epoch, state: PPOState, keys, target_kl: float):
+    """Run `epoch(state, key)` per key until an epoch's mean approximate KL (to the rollout policy,
+    losses.ppo_policy_loss) exceeds `target_kl`; later epochs are skipped (a `lax.cond`, their
+    metrics zeros). Returns the state, per-update metrics [epochs, minibatches] and ran_E ∈ {0, 1}."""
+    per_update_shape = jax.eval_shape(epoch, state, keys[0])[1]
+
+    def one(carry, key):
+        state, stopped = carry
+        skip = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), per_update_shape))  # noqa: E731
+        state, per_update = jax.lax.cond(stopped, skip, lambda s: epoch(s, key), state)
+        ran = (~stopped).astype(jnp.float32)
+        stopped = stopped | (jnp.mean(per_update["approx_kl"]) > target_kl)
+        return (state, stopped), (per_update, ran)
+
+    (state, _), (per_update, ran_E) = jax.lax.scan(one, (state, jnp.asarray(False)), keys)
+    return state, per_update, ran_E
 
 
 def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch: Batch) -> tuple[PPOState, dict]:
@@ -189,10 +210,19 @@ def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch:
         return jax.lax.scan(lambda s, mb: _minibatch_update(config, mesh_rules, s, mb), state,
                             split_rows(shuffled, config.minibatches))
 
-    state, per_update = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, config.epochs))
-    metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+    keys = jax.random.split(shuffle_key, config.epochs)
+    if config.target_kl is None:
+        state, per_update = jax.lax.scan(epoch, state, keys)
+        metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+        metrics["epochs_run"] = jnp.asarray(config.epochs, jnp.float32)
+    else:
+        state, per_update, ran_E = _epochs_with_kl_stop(epoch, state, keys, config.target_kl)
+        weight = ran_E[:, None] / (jnp.maximum(jnp.sum(ran_E), 1.0) * config.minibatches)
+        metrics = {k: jnp.sum(v * weight) for k, v in per_update.items()}
+        metrics["epochs_run"] = jnp.sum(ran_E)
     metrics["policy_skipped"] = jnp.sum(per_update["policy_skipped"])
     metrics["value_skipped"] = jnp.sum(per_update["value_skipped"])
+    metrics["skipped"] = metrics["policy_skipped"] + metrics["value_skipped"]
 
     mask = batch["response_mask_BxT"]
     kl_per_sequence = jnp.sum(adv["kl_BxT"], axis=1)
@@ -216,7 +246,8 @@ def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
 
     Metrics (means over the epochs × minibatches updates unless noted): policy_loss, entropy,
     clip_fraction, approx_kl, value_loss, value_clip_fraction, policy/value_grad_norm,
-    policy/value_skipped (counts), and per batch: kl (mean per-sequence KL to the reference),
+    policy/value_skipped and skipped (counts of updates not applied), epochs_run (fewer than
+    `epochs` when `target_kl` stopped them; means are over the epochs run), and per batch: kl (mean per-sequence KL to the reference),
     beta (used for this batch), score, reward, returns, explained_variance (rollout values vs
     returns), response_length, nonfinite_streak, step.
     """

@@ -141,11 +141,12 @@ def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[
         opt_state=opt_state,
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
     )
-    return new_state, {"grad_norm": grad_norm, "skipped_update": (~ok).astype(jnp.float32)}
+    return new_state, {"grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
 
 
 class NonFiniteGuard:
-    """Host-side stop rule: raise after `max_in_a_row` consecutive skipped updates.
+    """Host-side stop rule: raise after `max_in_a_row` consecutive skipped updates (the stage loops
+    of trainer/stages/ check every update's metrics, saving a checkpoint before they stop the run).
 
         guard = NonFiniteGuard(max_in_a_row=5)
         state, metrics = step(state, batch)
@@ -162,6 +163,7 @@ class NonFiniteGuard:
         if streak >= self.max_in_a_row:
             raise TrainingDivergedError(
                 f"training stopped: {streak} consecutive updates had a non-finite loss or gradient "
-                f"(limit {self.max_in_a_row}); parameters were left at the last good update. Lower the "
-                f"learning rate, check the data for empty or corrupt batches, or resume from an earlier checkpoint."
+                f"(limit {self.max_in_a_row}, run.max_nonfinite_updates); parameters were left at the last good "
+                f"update and saved. Lower the learning rate or check the data for empty or corrupt batches, then "
+                f"resume the run."
             )

@@ -123,7 +123,7 @@ def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
 def make_sft_step(state: TrainState, mesh_rules: MeshRules):
     """Jitted `(state, batch) -> (state, metrics)` for supervised fine-tuning (masked token NLL).
 
-    Metrics: loss, nll, tokens, grad_norm, skipped_update, nonfinite_streak, step.
+    Metrics: loss, nll, tokens, grad_norm, skipped (1 if the update was not applied), nonfinite_streak, step.
     """
     accum = state.grad_accum_steps
 
@@ -171,7 +171,7 @@ def make_rm_step(state: TrainState, mesh_rules: MeshRules):
     """Jitted `(state, batch) -> (state, metrics)` for the preference model (Bradley–Terry, soft labels).
 
     `state` holds a `models.llama.ScalarModel`. Metrics: loss, bt_loss, accuracy, score_margin,
-    grad_norm, skipped_update, nonfinite_streak, step.
+    grad_norm, skipped, nonfinite_streak, step.
     """
     accum = state.grad_accum_steps
 

@@ -43,17 +43,36 @@ def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, 
         del ray
 
 
+def stop_if_diverged(ctx, guard, step: int, metrics: dict, extras: dict) -> None:
+    """After `guard.max_in_a_row` updates in a row were skipped as non-finite: save the stage's state
+    at `step` (a resume continues from there, e.g. with a lower learning rate) and stop the run with
+    TrainingDivergedError. Nothing after it (later stages, export) runs on diverged weights."""
+    import ray
+
+    from trainer.state import TrainingDivergedError
+
+    try:
+        guard.check(metrics)
+    except TrainingDivergedError:
+        ray.get(ctx.learner.save.remote(step, extras, True))
+        raise
+
+
 def learner_loop(ctx, stage: str, total_steps: int, start_step: int, every: int, extras=None) -> list[dict]:
     """Run `learner.train_step` from `start_step` to `total_steps`, logging metrics and checkpointing."""
     import ray
 
+    from trainer.state import NonFiniteGuard
+
     learner = ctx.learner
+    guard = NonFiniteGuard(ctx.config.run.max_nonfinite_updates)
     logged = []
     bar = progress(total_steps, f"{stage} train", initial=start_step)
     try:
         for step in range(start_step, total_steps):
             metrics = ray.get(learner.train_step.remote())
             ctx.metrics.write(stage, step + 1, metrics)
+            stop_if_diverged(ctx, guard, step + 1, metrics, extras or {})
             logged.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")

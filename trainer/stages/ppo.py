@@ -16,12 +16,14 @@ import numpy as np
 
 from trainer.learners.requests import Rollout
 from trainer.ledger import Ledger, read_records, truncate_records
-from trainer.stages.common import dispatch_prompts, progress
+from trainer.stages.common import dispatch_prompts, progress, stop_if_diverged
+from trainer.state import NonFiniteGuard
 from trainer.stages.label import label_weights
 from trainer.weights import WeightHandle
 
 LOGGED = ("reward_mean", "reward_std", "kl", "beta", "entropy", "clip_fraction", "approx_kl", "value_loss",
-          "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds")
+          "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds", "epochs_run",
+          "skipped", "policy_skipped", "value_skipped", "nonfinite_streak")
 
 
 def iteration_prompts(prompts: list, iteration: int, batch_size: int) -> list:
@@ -64,6 +66,7 @@ def run_ppo(ctx) -> None:
         extras["eval_before"] = evaluate(ctx, "before", weights)
         ctx.stages.update("ppo", pm_reward_before=extras["eval_before"]["pm_reward_mean"])
 
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_updates)
     prompts = ctx.prompts["ppo"]
     sampling = {"max_new_tokens": cfg.ppo.max_new_tokens, "temperature": cfg.ppo.temperature,
                 "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p, "max_prompt_tokens": cfg.data.max_prompt_tokens}
@@ -96,6 +99,7 @@ def run_ppo(ctx) -> None:
             bar.update(1)
             bar.set_postfix(reward=f"{logged['reward_mean']:.3f}", kl=f"{logged.get('kl', 0.0):.3f}")
             extras.update(iteration=it + 1, version=version, data_position=(it + 1) * cfg.ppo.batch_size)
+            stop_if_diverged(ctx, guard, it + 1, metrics, extras)
             if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
                 ray.get(learner.save.remote(it + 1, extras))
     finally:
