@@ -3,8 +3,10 @@
     config = load_run_config("configs/demo.yaml", ["ppo.iterations=4", "run.stages=[sl,label]"])
 
 Each section is a frozen dataclass validating itself in `__post_init__`; unknown keys are rejected
-by `trainer.configlib` with the file, line and closest matches. This module imports neither JAX nor
-Ray: a bad config must fail before either starts.
+by `trainer.configlib` with the file, line and closest matches. The worker-side settings are the
+classes the workers use (`sl` ⊇ trainer.critique.CritiqueConfig, `label` = trainer.feedback.
+FeedbackConfig), so every rule of theirs is checked here, at load. Loading starts neither a JAX
+backend nor Ray: a bad config must fail before either starts.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 from models.config import AttentionImpl
+from models.sampling import SamplingParams
 from models.errors import UserError
 from trainer import configlib
 from trainer.checkpoint import CheckpointConfig
+from trainer.critique import CritiqueConfig
+from trainer.feedback import FeedbackConfig
 from trainer.kl import KLConfig
 from trainer.mesh import MeshConfig
 from trainer.optim import OptimizerConfig
@@ -68,12 +73,9 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class SLSection:
-    rounds: int = 1  # critique → revision rounds per prompt
-    few_shot: int = 1  # few-shot critique examples in each prompt
-    revision_style: Literal["chat", "fresh"] = "chat"  # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models)
-    max_new_tokens: int = 64  # per answer, critique and revision
-    temperature: float = 0.0  # 0 = greedy
+class SLSection(CritiqueConfig):
+    """SL-CAI: the critique settings workers receive (trainer.critique.CritiqueConfig), then fine-tuning."""
+
     sft_steps: int = 8  # SFT updates on the final revisions
     batch_size: int = 4  # SFT batch (sequences)
     max_seq_len: int = 192  # SFT sequences are cut to this many tokens
@@ -81,28 +83,9 @@ class SLSection:
         default_factory=lambda: OptimizerConfig(learning_rate=1e-5, decay="constant", total_steps=1000))
 
     def __post_init__(self):
-        if self.rounds < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("sl: rounds, batch_size and max_new_tokens must be ≥ 1 and sft_steps ≥ 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSection:
-    max_new_tokens: int = 48  # per sampled response
-    temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
-    top_p: float = 0.95
-    scoring: Literal["choice", "contrast"] = "choice"  # choice: "(A)"/"(B)" multiple choice (the paper); contrast: good vs bad instruction likelihood (small models)
-    principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
-    few_shot: int = 1  # feedback examples shown before each question
-    debias_order: bool = True  # also ask with the answers swapped, average the two estimates
-    chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped
-    cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%)
-
-    def __post_init__(self):
-        if self.principles_per_pair < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("label: principles_per_pair and max_new_tokens must be ≥ 1")
-        lo, hi = self.cot_clamp
-        if not 0.0 <= lo < hi <= 1.0:
-            raise RunConfigError(f"label.cot_clamp must be [lo, hi] with 0 ≤ lo < hi ≤ 1, got {self.cot_clamp}")
+        super().__post_init__()
+        if self.sft_steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:
+            raise RunConfigError("sl: sft_steps ≥ 0, batch_size ≥ 1 and max_seq_len ≥ 2 expected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +119,14 @@ class PPOSection:
     value_from: Literal["reward_model", "policy"] = "reward_model"  # value model initialisation
 
     def __post_init__(self):
-        if self.iterations < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and max_new_tokens ≥ 1 expected")
+        if self.iterations < 0 or self.batch_size < 1 or self.eval_max_new_tokens < 1:
+            raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and eval_max_new_tokens ≥ 1 expected")
+        self.sampling()  # raises on a setting that describes no distribution
+
+    def sampling(self) -> SamplingParams:
+        """How rollout workers sample PPO's responses."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +181,7 @@ class RunConfig:
     constitution: str = "default"  # YAML file, CAI-paper JSON directory, or a shipped name
     data: DataSection = dataclasses.field(default_factory=DataSection)
     sl: SLSection = dataclasses.field(default_factory=SLSection)
-    label: LabelSection = dataclasses.field(default_factory=LabelSection)
+    label: FeedbackConfig = dataclasses.field(default_factory=FeedbackConfig)
     rm: RMSection = dataclasses.field(default_factory=RMSection)
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
@@ -232,7 +221,3 @@ def to_yaml(config: RunConfig) -> str:
 
     return yaml.safe_dump(redacted(configlib.to_dict(config)), sort_keys=False)
 
-
-def from_yaml_file(path: Path) -> RunConfig:
-    """Read back a run directory's resolved config.yaml."""
-    return configlib.load(RunConfig, path)

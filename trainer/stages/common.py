@@ -15,15 +15,16 @@ def progress(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, params: dict,
+def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, settings,
                      weights: WeightHandle, make_record=None, desc: str | None = None):
-    """Run every pending uid of `ledger` through the workers as `kind` tasks at `weights`; each
-    record (plus the prompt text and constitution hash) is completed in the ledger."""
+    """Run every pending uid of `ledger` through the workers as `kind` tasks with `settings` (the kind's
+    typed config, see trainer.rollout.Task) at `weights`; each record (plus the prompt text and
+    constitution hash) is completed in the ledger."""
     import ray
 
     def make_task(uids):
         return Task(kind=kind, uids=tuple(uids), texts=tuple(prompts[u].text for u in uids), weights=weights,
-                    seed=task_seed(ctx.config.run.seed, stage, uids, weights.version), params=params)
+                    seed=task_seed(ctx.config.run.seed, stage, uids, weights.version), settings=settings)
 
     def on_record(uid, record, result):
         record = dict(record)

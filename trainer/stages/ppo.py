@@ -15,7 +15,9 @@ import time
 import numpy as np
 
 from trainer.learners.requests import Rollout
+from models.sampling import SamplingParams
 from trainer.ledger import Ledger, read_records, truncate_records
+from trainer.rollout import RolloutSettings
 from trainer.stages.common import dispatch_prompts, progress, stop_if_diverged
 from trainer.state import NonFiniteGuard
 from trainer.stages.label import label_weights
@@ -38,9 +40,9 @@ def evaluate(ctx, tag: str, weights: WeightHandle) -> dict:
     cfg = ctx.config
     prompts = {p.uid: p for p in ctx.prompts["eval"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / f"eval_{tag}.jsonl", list(prompts))
-    params = {"max_new_tokens": cfg.ppo.eval_max_new_tokens, "temperature": 0.0,
-              "max_prompt_tokens": cfg.data.max_prompt_tokens}
-    dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", params, weights, desc=f"eval {tag}")
+    greedy = RolloutSettings(SamplingParams(max_new_tokens=cfg.ppo.eval_max_new_tokens, temperature=0.0),
+                             cfg.data.max_prompt_tokens)
+    dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", greedy, weights, desc=f"eval {tag}")
     records = ledger.records()
     scores = ray.get(ctx.learner.score.remote([r["prompt_ids"] for r in records],
                                               [r["response_ids"] for r in records]))
@@ -68,8 +70,7 @@ def run_ppo(ctx) -> None:
 
     guard = NonFiniteGuard(cfg.run.max_nonfinite_updates)
     prompts = ctx.prompts["ppo"]
-    sampling = {"max_new_tokens": cfg.ppo.max_new_tokens, "temperature": cfg.ppo.temperature,
-                "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p, "max_prompt_tokens": cfg.data.max_prompt_tokens}
+    sampling = RolloutSettings(cfg.ppo.sampling(), cfg.data.max_prompt_tokens)
     bar = progress(cfg.ppo.iterations, "ppo", initial=done_iterations)
     try:
         for it in range(done_iterations, cfg.ppo.iterations):

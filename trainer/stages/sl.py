@@ -29,10 +29,7 @@ def run_sl(ctx) -> None:
     cfg = ctx.config
     prompts = {p.uid: p for p in ctx.prompts["sl"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / "sl.jsonl", list(prompts))
-    params = {"rounds": cfg.sl.rounds, "few_shot": cfg.sl.few_shot,
-              "revision_style": cfg.sl.revision_style, "max_new_tokens": cfg.sl.max_new_tokens,
-              "temperature": cfg.sl.temperature, "seed": cfg.run.seed}
-    stats = dispatch_prompts(ctx, "sl", ledger, prompts, "sl", params, WeightHandle(0, None), desc="sl critique")
+    stats = dispatch_prompts(ctx, "sl", ledger, prompts, "sl", cfg.sl, WeightHandle(0, None), desc="sl critique")
     ctx.stages.update("sl", critique_seconds=round(stats.seconds, 1), worker_deaths=stats.worker_deaths)
     examples = sft_data(ledger.records())
     if not examples:
