@@ -136,7 +136,7 @@ def test_fresh_revision_style_answers_the_prompt_again():
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_critiques_a_harmful_answer(smollm2):
-    from models.sampler import Sampler
+    from models.generation import Sampler
     from models.sampling import SamplingParams
     from trainer.critique import SamplerTextGenerator
 

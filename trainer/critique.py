@@ -193,7 +193,7 @@ def sft_examples(records: Iterable[CritiqueRecord]) -> list[SFTExample]:
 
 # -- the adapter over the sampler -------------------------------------------------------------------
 class SamplerTextGenerator:
-    """`TextGenerator` over a models.sampler.Sampler: chat template -> token ids -> sample -> decoded text.
+    """`TextGenerator` over a models.generation.Sampler: chat template -> token ids -> sample -> decoded text.
 
     Each call uses a fresh seed (base seed + call index), so repeated steps do not repeat the same
     random draws, while a whole run stays reproducible.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from models.sampler import Sampler, SamplingParams
+from models.generation import Sampler, SamplingParams
 from models.sources import load
 from models.tokenizer import Tokenizer
 
