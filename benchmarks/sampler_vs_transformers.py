@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from models.fetch import fetch_embedded
-    from models.sampler import Sampler
+    from models.generation import Sampler
     from models.sampling import SamplingParams
     from models.sources import load
     from trainer.bench.sampler import decode_bytes_per_step, measure, measure_bandwidth_gbs, weight_bytes

@@ -17,7 +17,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from models import families
 from models.config import ModelConfig
+from models.families import Family
+from models.families.llama import LLAMA
 from models.errors import UserError
 
 
@@ -68,9 +71,7 @@ def _float32_value(value) -> float:
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     """ModelConfig from the `llama.*` metadata (Mistral GGUFs use the llama architecture too)."""
-    arch = _field(reader, "general.architecture", source)
-    if arch != "llama":
-        raise GGUFError(f"{source}: unsupported GGUF architecture {arch!r}; cairl reads 'llama' GGUF files")
+    gguf_family(reader, source)  # an architecture we read, or a clear error
     if "llama.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise GGUFError(f"{source}: GGUF rope scaling is not supported; load the model's HF directory instead")
     num_heads = int(_field(reader, "llama.attention.head_count", source))
@@ -96,31 +97,21 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     )
 
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+def gguf_family(reader: gguf.GGUFReader, source: str) -> Family:
+    """The model family (models/families/) of a GGUF file's `general.architecture`."""
+    arch = _field(reader, "general.architecture", source)
+    family = families.by_gguf_architecture(arch)
+    if family is None:
+        known = ", ".join(repr(f.gguf_architecture) for f in families.FAMILIES if f.gguf_architecture)
+        raise GGUFError(f"{source}: unsupported GGUF architecture {arch!r}; cairl reads {known} GGUF files")
+    return family
 
 
-def hf_name(gguf_name: str, source: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise GGUFError(f"{source}: unexpected tensor {gguf_name!r} for a llama model")
+def hf_name(gguf_name: str, source: str, family: Family = LLAMA) -> str:
+    name = family.hf_name_of_gguf(gguf_name)
+    if name is None:
+        raise GGUFError(f"{source}: unexpected tensor {gguf_name!r} for a {family.name} model")
+    return name
 
 
 def unpermute_rows(w_RxC: np.ndarray, num_heads: int) -> np.ndarray:
@@ -131,9 +122,10 @@ def unpermute_rows(w_RxC: np.ndarray, num_heads: int) -> np.ndarray:
 
 def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> dict[str, np.ndarray]:
     """Every weight as an fp32 array in HF naming and [out, in] layout, Q/K un-permuted."""
+    family = gguf_family(reader, source)
     tensors = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name, source)
+        name = hf_name(tensor.name, source, family)
         shape = tuple(int(s) for s in reversed(tensor.shape))  # GGUF lists the innermost dimension first
         try:
             w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)

@@ -23,14 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from models import safetensors_io
+from models import families, safetensors_io
 from models.config import ModelConfig, RopeScaling
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(f.hf_architecture for f in families.FAMILIES)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -67,17 +66,23 @@ def _rope_from_hf(data: Mapping[str, Any], source: str) -> tuple[float, RopeScal
         raise HFModelError(f"{source}: llama3 rope scaling lacks the key {e.args[0]!r}") from None
 
 
-def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a transformers config.json dict; rejects architectures and options we cannot run."""
+def family_of(data: Mapping[str, Any], source: str = "config.json") -> families.Family:
+    """The model family (models/families/) a transformers config.json dict describes."""
     architectures = data.get("architectures")
     if architectures:
-        arch = architectures[0]
+        arch, family = architectures[0], families.by_hf_architecture(architectures[0])
     else:  # configs saved from a bare config object name only their model_type
-        arch = _ARCH_OF_MODEL_TYPE.get(data.get("model_type"), f"model_type {data.get('model_type')}")
-    if arch not in SUPPORTED_ARCHITECTURES:
+        arch, family = f"model_type {data.get('model_type')}", families.by_hf_model_type(data.get("model_type"))
+    if family is None:
         raise HFModelError(
             f"{source}: unsupported architecture '{arch}'; cairl runs {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return family
+
+
+def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a transformers config.json dict; rejects architectures and options we cannot run."""
+    family = family_of(data, source)
     for flag in ("attention_bias", "mlp_bias"):
         if data.get(flag):
             raise HFModelError(f"{source}: {flag}=true is not supported (our Llama has no biases)")
@@ -88,7 +93,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
         num_heads = int(data["num_attention_heads"])
         hidden = int(data["hidden_size"])
         max_positions = int(data.get("max_position_embeddings", 2048))
-        window = data.get("sliding_window") if arch == "MistralForCausalLM" else None
+        window = data.get("sliding_window") if family.sliding_window_caps_context else None
         if window is not None and int(window) < max_positions:
             # Within the window sliding attention *is* full causal attention: cap the context there.
             log.info("%s: sliding_window %s < max_position_embeddings %s; capping the context at the window",
@@ -175,30 +180,9 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 # -- weights ------------------------------------------------------------------------------------------
 
-def _hf_layer_names(i: int) -> dict[str, ParamPath]:
-    prefix = f"model.layers.{i}."
-    return {
-        prefix + "input_layernorm.weight": ("blocks", i, "attn_norm", "scale"),
-        prefix + "self_attn.q_proj.weight": ("blocks", i, "attn", "q_DxNxH"),
-        prefix + "self_attn.k_proj.weight": ("blocks", i, "attn", "k_DxKxH"),
-        prefix + "self_attn.v_proj.weight": ("blocks", i, "attn", "v_DxKxH"),
-        prefix + "self_attn.o_proj.weight": ("blocks", i, "attn", "o_NxHxD"),
-        prefix + "post_attention_layernorm.weight": ("blocks", i, "mlp_norm", "scale"),
-        prefix + "mlp.gate_proj.weight": ("blocks", i, "mlp", "gate_DxF"),
-        prefix + "mlp.up_proj.weight": ("blocks", i, "mlp", "up_DxF"),
-        prefix + "mlp.down_proj.weight": ("blocks", i, "mlp", "down_FxD"),
-    }
-
-
-def hf_names(config: ModelConfig) -> dict[str, ParamPath]:
+def hf_names(config: ModelConfig, family: families.Family = families.LLAMA) -> dict[str, ParamPath]:
     """HF tensor name -> our parameter path, for every weight `config` has (lm_head only when untied)."""
-    names: dict[str, ParamPath] = {"model.embed_tokens.weight": ("embed_VxD",)}
-    for i in range(config.num_layers):
-        names.update(_hf_layer_names(i))
-    names["model.norm.weight"] = ("final_norm", "scale")
-    if not config.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head_DxV",)
-    return names
+    return family.hf_names(config.num_layers, config.tie_embeddings)
 
 
 def _hf_shape(path: ParamPath, config: ModelConfig) -> tuple[int, ...]:
@@ -243,9 +227,10 @@ def ours_to_hf(path: ParamPath, w: np.ndarray, config: ModelConfig) -> np.ndarra
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str) -> Params:
-    """Our flat params from HF-named tensors; missing, unexpected or mis-shaped tensors raise."""
-    names = hf_names(config)
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str,
+                   family: families.Family = families.LLAMA) -> Params:
+    """Our flat params from HF-named tensors of `family`; missing, unexpected or mis-shaped tensors raise."""
+    names = hf_names(config, family)
     missing = [name for name in names if name not in tensors]
     if missing:
         raise HFModelError(

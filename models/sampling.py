@@ -1,4 +1,5 @@
-"""Token sampling math: temperature, top-k and top-p (nucleus) filtering, and the log-probs PPO needs.
+"""Token sampling math: temperature, top-k and top-p (nucleus) filtering, and the log-probs PPO needs
+(the generation loop that calls it is models/generation.py).
 
 Pure functions over one decode step's logits. B batch, V vocab, K top-k.
 

@@ -146,15 +146,17 @@ def create_sharded(factory, mesh_rules: MeshRules):
     return nnx.merge(graphdef, state)
 
 
-def state_shardings(abstract_state, mesh_rules: MeshRules):
-    """Sharding for every leaf of a full NNX state: params by their logical axes, the rest replicated."""
+def state_shardings(tree, mesh_rules: MeshRules):
+    """NamedSharding for every leaf of a state tree (a model's nnx state, a train state): nnx Variables
+    with `logical_axes` metadata (parameters, and optimizer moments that mirror them) by the rules,
+    everything else (counters, RNG keys, scalars) replicated."""
     replicated = NamedSharding(mesh_rules.mesh, PartitionSpec())
 
-    def sharding_of(variable):
-        axes = variable.get_metadata().get("logical_axes")
+    def sharding_of(leaf):
+        axes = leaf.get_metadata().get("logical_axes") if _is_variable(leaf) else None
         return replicated if axes is None else mesh_rules.param_sharding(axes)
 
-    return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)
+    return jax.tree.map(sharding_of, tree, is_leaf=_is_variable)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:

@@ -94,17 +94,19 @@ def load_checkpoint(source: str) -> Checkpoint:
     """Config, host params and tokenizer of `source` (see the module docstring for what it may be)."""
     kind, path = resolve(source)
     if kind == "gguf":
-        from models.gguf_io import read_gguf
+        from models.gguf_io import gguf_family, read_gguf
         from models.tokenizer import tokenizer_from_gguf
 
         config, tensors, reader = read_gguf(path)
+        family = gguf_family(reader, str(path))
         tokenizer = tokenizer_from_gguf(reader, source=str(path))
     else:
-        config, _ = hf_io.read_config(path)
+        config, raw = hf_io.read_config(path)
+        family = hf_io.family_of(raw, str(path))
         tensors = hf_io.read_weights(path)
         tokenizer = load_tokenizer(path)
     check_vocab_fits(tokenizer, config.vocab_size, source=str(path))
-    params = hf_io.params_from_hf(tensors, config, str(path))
+    params = hf_io.params_from_hf(tensors, config, str(path), family)
     return Checkpoint(config=config, params=params, tokenizer=tokenizer, source=source, path=path)
 
 
@@ -154,4 +156,9 @@ def load(source: str, *, mesh_rules: MeshRules | None = None, dtype: str | None 
 
 def model_params(model: nnx.Module) -> Params:
     """Flat numpy params of a (possibly sharded) model, gathered to the host: the inverse of build_module."""
-    return {path: np.asarray(jax.device_get(variable[...])) for path, variable in _flat_paths(nnx.state(model, nnx.Param))}
+    return host_params(nnx.state(model, nnx.Param))
+
+
+def host_params(state: nnx.State) -> Params:
+    """Flat numpy copy of an nnx parameter state (possibly sharded over many devices), keyed by path."""
+    return {path: np.asarray(jax.device_get(variable[...])) for path, variable in _flat_paths(state)}

@@ -49,6 +49,32 @@ def test_override_typo_and_bad_values_are_rejected():
     assert load_run_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]).model.attention == "cudnn"
 
 
+@pytest.mark.parametrize("label, line, key", [
+    ("  scoring: contrast\n  few_shot: 0\n  debias_order: true\n", 6, "label.debias_order"),
+    ("  scoring: contrast\n  chain_of_thought: true\n  few_shot: 0\n  debias_order: false\n", 5,
+     "label.chain_of_thought"),
+    ("  chain_of_thought: true\n  cot_clamp: [0.6, 0.9]\n", 5, "label.cot_clamp"),
+])
+def test_worker_settings_rules_are_checked_at_load_with_file_line_and_key(tmp_path, label, line, key):
+    """The label section is the FeedbackConfig the workers use: its cross-field rules fail the load,
+    pointing at the key to change, not a worker mid-run."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: x\nlabel:\n" + label)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert f"{path}, line {line}, key '{key}'" in str(err.value)
+
+
+def test_worker_settings_are_the_loaded_classes():
+    from trainer.critique import CritiqueConfig
+    from trainer.feedback import FeedbackConfig
+
+    config = load_run_config(ROOT / "configs" / "demo.yaml")
+    assert isinstance(config.sl, CritiqueConfig) and isinstance(config.label, FeedbackConfig)
+    with pytest.raises(ConfigError, match="top_p"):
+        load_run_config(None, ["ppo.top_p=0"])
+
+
 def test_overrides_and_stage_selection():
     config = load_run_config(ROOT / "configs" / "tiny.yaml", ["run.stages=[sl,label]", "ppo.update.kl.beta=0.1"])
     assert config.run.stages == ("sl", "label")

@@ -12,13 +12,12 @@ from trainer.constitution import load_constitution
 from trainer.critique import (
     CritiqueConfig,
     CritiqueRecord,
-    read_jsonl,
     run_sl_cai,
     sample_principle,
     sft_examples,
-    write_jsonl,
 )
 from trainer.data.records import Prompt
+from trainer.ledger import read_records
 
 
 class FakeGenerator:
@@ -56,10 +55,10 @@ PROMPTS = [Prompt(f"u{i}", f"question {i}", "test") for i in range(6)] + [
 def test_sl_cai_records_are_well_formed_and_batched():
     constitution = load_constitution("default")
     generator = FakeGenerator()
-    config = CritiqueConfig(rounds=2, num_few_shot=1, response_tokens=11, critique_tokens=12, revision_tokens=13, seed=3)
-    records = run_sl_cai(PROMPTS, constitution, generator, config)
+    config = CritiqueConfig(rounds=2, few_shot=1, max_new_tokens=11)
+    records = run_sl_cai(PROMPTS, constitution, generator, config, seed=3)
     # One batched call per step: answer, then (critique, revision) per round.
-    assert generator.calls == [(7, 11), (7, 12), (7, 13), (7, 12), (7, 13)]
+    assert generator.calls == [(7, 11)] * 5
     for prompt, record in zip(PROMPTS, records):
         assert record.uid == prompt.uid and record.prompt == prompt.text
         assert record.constitution_hash == constitution.hash
@@ -83,8 +82,8 @@ def test_sl_cai_records_are_well_formed_and_batched():
 
 def test_principle_sampling_is_deterministic_per_uid_and_covers_principles():
     constitution = load_constitution("default")
-    a = run_sl_cai(PROMPTS, constitution, FakeGenerator(), CritiqueConfig(seed=5))
-    b = run_sl_cai(PROMPTS[::-1], constitution, FakeGenerator(), CritiqueConfig(seed=5))  # other batch order
+    a = run_sl_cai(PROMPTS, constitution, FakeGenerator(), CritiqueConfig(), seed=5)
+    b = run_sl_cai(PROMPTS[::-1], constitution, FakeGenerator(), CritiqueConfig(), seed=5)  # other batch order
     assert {r.uid: r.rounds[0].principle_id for r in a} == {r.uid: r.rounds[0].principle_id for r in b}
     counts = collections.Counter(sample_principle(constitution, 0, f"p{i}", 0).id for i in range(800))
     assert set(counts) == {p.id for p in constitution.critique_principles}
@@ -101,9 +100,9 @@ def test_empty_revision_keeps_previous_answer_and_sft_pairs(tmp_path):
     pairs = sft_examples(good + [CritiqueRecord("x", "p", "", (), "", "h")])
     assert [p.uid for p in pairs] == [p.uid for p in PROMPTS]
     assert pairs[-1].messages[-1] == {"role": "user", "content": "help me"} and pairs[0].response.startswith("fixed by")
-    path = tmp_path / "samples" / "sl.jsonl"
-    write_jsonl(path, [r.to_json() for r in good])
-    assert [CritiqueRecord.from_json(row) for row in read_jsonl(path)] == good
+    path = tmp_path / "sl.jsonl"
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in good), encoding="utf-8")
+    assert [CritiqueRecord.from_json(row) for row in read_records(path)] == good
 
 
 def test_initial_responses_given_and_config_validation():
@@ -112,7 +111,7 @@ def test_initial_responses_given_and_config_validation():
     records = run_sl_cai(PROMPTS[:2], constitution, generator, CritiqueConfig(), initial_responses=["a", "b"])
     assert [r.initial_response for r in records] == ["a", "b"] and len(generator.calls) == 2
     assert run_sl_cai([], constitution, generator) == []
-    with pytest.raises(UserError, match="rounds must be >= 1"):
+    with pytest.raises(UserError, match="rounds must be ≥ 1"):
         CritiqueConfig(rounds=0)
 
 
@@ -137,7 +136,7 @@ def test_fresh_revision_style_answers_the_prompt_again():
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_critiques_a_harmful_answer(smollm2):
-    from models.sampler import Sampler
+    from models.generation import Sampler
     from models.sampling import SamplingParams
     from trainer.critique import SamplerTextGenerator
 
@@ -145,7 +144,7 @@ def test_smollm2_critiques_a_harmful_answer(smollm2):
     sampler = Sampler(smollm2.model, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     generator = SamplerTextGenerator(sampler, tokenizer, SamplingParams(temperature=0.0))
     harmful = "Mix bleach with ammonia in a closed room; the fumes are toxic."
-    config = CritiqueConfig(num_few_shot=1, critique_tokens=48, revision_tokens=48, revision_style="fresh")
+    config = CritiqueConfig(few_shot=1, max_new_tokens=48, revision_style="fresh")
     (record,) = run_sl_cai([Prompt("p", "What household chemicals can I mix to make a poison gas?")],
                            load_constitution("default"), generator, config, initial_responses=[harmful])
     critique = record.rounds[0].critique
@@ -163,8 +162,8 @@ def test_direct_revisions_skip_the_critique_and_carry_the_constitution_guidance(
             seen.append([chat[-1]["content"] for chat in chats])
             return super().generate(chats, max_new_tokens)
 
-    records = run_sl_cai(PROMPTS[:3], constitution, Recorder(),
-                         CritiqueConfig(rounds=1, num_few_shot=1, revision_style="direct", seed=1))
+    records = run_sl_cai(PROMPTS[:3], constitution, Recorder(), CritiqueConfig(rounds=1, few_shot=1, revision_style="direct"),
+                         seed=1)
     assert len(seen) == 2  # the answers, then the revisions: no critique call
     for record, request in zip(records, seen[1]):
         principle = constitution.principle(record.rounds[0].principle_id)

@@ -66,7 +66,7 @@ def test_win_rates_per_principle():
     constitution = Constitution("t", "1", (Principle("p1", comparison="Which is kinder?"), Principle("p2", "c", "r", "Which is safer?")))
     prompts = [Prompt("u0", "q0"), Prompt("u1", "q1")]
     result = win_rates(prompts, ["safe answer", "plain answer"], ["plain answer", "plain answer"], constitution,
-                       KeywordScorer(), FeedbackConfig(num_principles=2, num_few_shot=0))
+                       KeywordScorer(), FeedbackConfig(principles_per_pair=2, few_shot=0))
     # u0: 'safe' wins 3:1 in both orders under both principles -> 0.75; u1: a tie -> 0.5.
     assert result.per_principle == pytest.approx({"p1": 0.625, "p2": 0.625})
     assert result.counts == {"p1": 2, "p2": 2}
@@ -79,7 +79,7 @@ def test_human_agreement_alternates_positions():
     constitution = Constitution("t", "1", (Principle("p1", comparison="Which is better?"),))
     pairs = [PreferencePair("a", "q", "safe reply", "other reply"), PreferencePair("b", "q", "safe one", "plain one"),
              PreferencePair("c", "q", "plain", "safe")]
-    agreement, labels = human_agreement(pairs, constitution, KeywordScorer(), FeedbackConfig(num_principles=1, num_few_shot=0))
+    agreement, labels = human_agreement(pairs, constitution, KeywordScorer(), FeedbackConfig(principles_per_pair=1, few_shot=0))
     assert [label.response_a for label in labels] == ["safe reply", "plain one", "plain"]  # chosen at A, B, A
     assert agreement == pytest.approx(2 / 3)  # the fake prefers 'safe': agrees on a and b, not on c
 

@@ -99,7 +99,7 @@ PAIRS = [ResponsePair("u0", "Question zero?", "GOOD", "BAD"), ResponsePair("u1",
 def test_labels_debiased_and_ensembled_by_hand():
     constitution = _two_principle_constitution()
     scorer = FakeScorer()
-    labels = label_pairs(PAIRS, constitution, scorer, FeedbackConfig(num_principles=2, num_few_shot=0))
+    labels = label_pairs(PAIRS, constitution, scorer, FeedbackConfig(principles_per_pair=2, few_shot=0))
     assert len(scorer.contexts) == 2 * 2 * 2  # pairs x principles x orders, in one call
     # strong: as shown, p(A)=6/(6+1); swapped, p(B)=3/(2+3) -> (6/7 + 3/5)/2 = 51/70. weak: (2/3 + 1/3)/2 = 1/2.
     first = labels[0]
@@ -114,7 +114,7 @@ def test_labels_debiased_and_ensembled_by_hand():
 
 def test_labels_without_debiasing_keep_the_position_bias():
     labels = label_pairs(PAIRS[:1], _two_principle_constitution(), FakeScorer(),
-                         FeedbackConfig(num_principles=2, num_few_shot=0, debias_order=False))
+                         FeedbackConfig(principles_per_pair=2, few_shot=0, debias_order=False))
     np.testing.assert_allclose(labels[0].per_principle_probs, [6 / 7, 2 / 3])
 
 
@@ -130,7 +130,7 @@ class FakeReasoner:
 
 def test_chain_of_thought_then_clamp():
     scorer, reasoner = FakeScorer(), FakeReasoner()
-    config = FeedbackConfig(num_principles=2, num_few_shot=0, chain_of_thought=True, cot_clamp=(0.4, 0.6))
+    config = FeedbackConfig(principles_per_pair=2, few_shot=0, chain_of_thought=True, cot_clamp=(0.4, 0.6))
     labels = label_pairs(PAIRS[:1], _two_principle_constitution(), scorer, config, generator=reasoner)
     assert reasoner.calls == 1
     assert scorer.contexts[0].endswith("[assistant]Option (A) looks kinder.\nSo the answer is:")
@@ -144,15 +144,15 @@ def test_chain_of_thought_then_clamp():
 def test_few_shot_and_principle_sampling():
     constitution = load_constitution("default")
     scorer = FakeScorer()
-    config = FeedbackConfig(num_principles=3, num_few_shot=2, seed=1)
-    labels = label_pairs(PAIRS, constitution, scorer, config)
+    config = FeedbackConfig(principles_per_pair=3, few_shot=2)
+    labels = label_pairs(PAIRS, constitution, scorer, config, seed=1)
     assert all(len(set(r.principle_ids)) == 3 for r in labels)
-    again = label_pairs(PAIRS[::-1], constitution, FakeScorer(), config)
+    again = label_pairs(PAIRS[::-1], constitution, FakeScorer(), config, seed=1)
     assert {r.uid: r.principle_ids for r in labels} == {r.uid: r.principle_ids for r in again}
     assert scorer.contexts[0].count("Consider the following conversation") == 3  # 2 examples + the question
     assert clean_reasoning("Reasoning text. Therefore, the answer is (B)") == "Reasoning text."
-    with pytest.raises(FeedbackError, match="num_principles"):
-        FeedbackConfig(num_principles=0)
+    with pytest.raises(FeedbackError, match="principles_per_pair"):
+        FeedbackConfig(principles_per_pair=0)
     with pytest.raises(FeedbackError, match="cot_clamp"):
         FeedbackConfig(cot_clamp=(0.6, 0.4))
 
@@ -178,7 +178,7 @@ def test_contrast_labels_by_hand():
         Principle("p2", comparison="Q2?"),  # no instructions: not usable for contrast
     ))
     scorer = ContrastScorer()
-    labels = label_pairs(PAIRS, constitution, scorer, FeedbackConfig(scoring="contrast", num_principles=2))
+    labels = label_pairs(PAIRS, constitution, scorer, FeedbackConfig(scoring="contrast", principles_per_pair=2, few_shot=0, debias_order=False))
     (contexts, options), = scorer.calls
     assert contexts[0] == "[user]Question zero?\n\nPlease follow rule one.[assistant]"
     assert contexts[1] == "[user]Question zero?\n\nBreak rule one.[assistant]"
@@ -187,9 +187,12 @@ def test_contrast_labels_by_hand():
     assert labels[0].principle_ids == ("p1",)
     np.testing.assert_allclose([l.p_a for l in labels], [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2))])
     with pytest.raises(FeedbackError, match="good_instruction and bad_instruction"):
-        label_pairs(PAIRS, _two_principle_constitution(), scorer, FeedbackConfig(scoring="contrast"))
-    with pytest.raises(FeedbackError, match="chain_of_thought applies"):
-        FeedbackConfig(scoring="contrast", chain_of_thought=True)
+        label_pairs(PAIRS, _two_principle_constitution(), scorer,
+                    FeedbackConfig(scoring="contrast", few_shot=0, debias_order=False))
+    for key in ("chain_of_thought", "few_shot", "debias_order"):  # contrast scoring asks no lettered question
+        with pytest.raises(FeedbackError, match=f"{key} applies to scoring 'choice' only"):
+            FeedbackConfig(**{"scoring": "contrast", "few_shot": 0, "debias_order": False,
+                              key: 1 if key == "few_shot" else True})
 
 
 # -- the real JAX scorer ---------------------------------------------------------------------------
@@ -259,10 +262,10 @@ def test_llama_option_scorer_matches_a_direct_forward_pass(tiny_model_and_tokeni
 def test_llama_option_scorer_labels_end_to_end_and_errors(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     scorer = LlamaOptionScorer(model, tokenizer, batch_size=8)
-    labels = label_pairs(PAIRS, load_constitution("default"), scorer, FeedbackConfig(num_principles=2, num_few_shot=0))
+    labels = label_pairs(PAIRS, load_constitution("default"), scorer, FeedbackConfig(principles_per_pair=2, few_shot=0))
     for label in labels:
         assert 0.0 < label.p_a < 1.0 and len(label.per_principle_probs) == 2
-    contrast = label_pairs(PAIRS, load_constitution("default"), scorer, FeedbackConfig(scoring="contrast", num_principles=2))
+    contrast = label_pairs(PAIRS, load_constitution("default"), scorer, FeedbackConfig(scoring="contrast", principles_per_pair=2, few_shot=0, debias_order=False))
     assert all(0.0 < label.p_a < 1.0 for label in contrast)
     with pytest.raises(FeedbackError, match="max_position_embeddings"):
         scorer.score(["the answer " * 400], [" (A)"])
@@ -290,7 +293,7 @@ def test_smollm2_feedback_prefers_harmless_refusals(smollm2):
     scorer = LlamaOptionScorer(smollm2.model, smollm2.tokenizer, batch_size=8)
     swapped = [ResponsePair(p.uid + "-swapped", p.prompt, p.response_b, p.response_a) for p in HARMFUL_PAIRS]
     labels = label_pairs(HARMFUL_PAIRS + swapped, load_constitution("default"), scorer,
-                         FeedbackConfig(scoring="contrast", num_principles=8))
+                         FeedbackConfig(scoring="contrast", principles_per_pair=8, few_shot=0, debias_order=False))
     refusal_first, refusal_second = labels[:2], labels[2:]
     assert all(label.p_a > 0.5 for label in refusal_first), [label.p_a for label in labels]
     assert all(label.p_a < 0.5 for label in refusal_second), [label.p_a for label in labels]

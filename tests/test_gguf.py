@@ -134,7 +134,7 @@ def test_smollm2_logits_and_greedy_continuations_match_transformers(smollm2, tra
     """
     import torch
 
-    from models.sampler import Sampler, SamplingParams
+    from models.generation import Sampler, SamplingParams
 
     tok = smollm2.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]

@@ -248,3 +248,27 @@ def test_sentencepiece_model_round_trips_through_export(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(out)
     np.testing.assert_allclose(torch_logits(reference, np.array([ids])), np.asarray(model(jnp.asarray([ids]))),
                                atol=1e-4, rtol=0)
+
+
+def test_every_family_maps_every_parameter_once():
+    """Each family's checkpoint names (models/families/) cover the model's parameters exactly, in HF's
+    order (embedding, layers, the rest), and its GGUF names lead to those HF names."""
+    from flax import nnx
+
+    from models import families
+    from models.config import preset
+    from models.llama import Llama
+
+    for tied in (True, False):
+        config = preset("tiny").replace(tie_embeddings=tied)
+        model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
+        ours = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        for family in families.FAMILIES:
+            names = family.hf_names(config.num_layers, config.tie_embeddings)
+            assert sorted(names.values(), key=str) == sorted(ours, key=str), family.name
+            assert list(names)[0] == "model.embed_tokens.weight" and list(names)[1].startswith("model.layers.0.")
+            gguf = [family.hf_name_of_gguf(n) for n in family.gguf_global_names] + [
+                family.hf_name_of_gguf(f"blk.0.{n}") for n in family.gguf_layer_names]
+            assert set(gguf) <= set(family.hf_names(config.num_layers, False)), family.name
+    assert families.by_hf_architecture("MistralForCausalLM").sliding_window_caps_context
+    assert families.by_gguf_architecture("llama") is families.LLAMA

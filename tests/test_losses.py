@@ -33,7 +33,7 @@ def test_bradley_terry_soft_labels_by_hand():
     chosen = jnp.array([1.0, 0.0, -2.0, -1.0])
     rejected = jnp.zeros(4)
     p = jnp.array([1.0, 0.5, 0.25, 0.9])
-    loss, accuracy = losses.bradley_terry_loss(chosen, rejected, p)
+    loss = losses.bradley_terry_loss(chosen, rejected, p)
     expected = [
         math.log1p(math.exp(-1)),  # p=1, Δ=1: −log σ(1)
         math.log(2),  # Δ=0: −log ½ whatever p
@@ -41,7 +41,18 @@ def test_bradley_terry_soft_labels_by_hand():
         0.9 * math.log1p(math.exp(1)) + 0.1 * math.log1p(math.exp(-1)),
     ]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
-    np.testing.assert_allclose(accuracy, [1.0, 0.5, 1.0, 0.0])
+
+
+def test_preference_accuracy_by_hand():
+    """Agreement per pair: the label's side preferred (1), the other (0), a score tie (½); a tie label
+    is left out of the accuracy. Pairs 0, 2, 3, 4 are decided: accuracy (1 + 1 + 0 + ½) / 4."""
+    chosen = jnp.array([1.0, 0.0, -2.0, -1.0, 0.0])
+    rejected = jnp.zeros(5)
+    p = jnp.array([1.0, 0.5, 0.25, 0.9, 0.8])
+    agree, decided = losses.preference_agreement(chosen, rejected, p)
+    np.testing.assert_allclose(agree, [1.0, 0.5, 1.0, 0.0, 0.5])
+    np.testing.assert_allclose(decided, [1.0, 0.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(losses.masked_mean(agree, decided), 2.5 / 4)
 
 
 def test_last_token_index_left_and_right_padding():
@@ -158,6 +169,14 @@ def test_adaptive_kl_controller_by_hand():
     assert float(klmod.update_beta(config, beta, jnp.float32(6.6), 100)) == pytest.approx(0.1 * 1.01)  # e = 0.1
     fixed = klmod.KLConfig(kind="fixed", beta=0.3)
     assert float(klmod.update_beta(fixed, klmod.initial_beta(fixed), jnp.float32(100.0), 100)) == pytest.approx(0.3)
+
+
+def test_adaptive_beta_ignores_a_non_finite_kl():
+    """One NaN or infinite batch KL (a diverged batch) must not make β NaN for the rest of the run."""
+    config = klmod.KLConfig(kind="adaptive", beta=0.1, target=6.0, horizon=1000)
+    beta = klmod.initial_beta(config)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert float(klmod.update_beta(config, beta, jnp.float32(bad), 100)) == pytest.approx(0.1)
 
 
 def test_kl_config_rejects_bad_values():

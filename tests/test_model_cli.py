@@ -57,7 +57,7 @@ def test_export_cli_writes_shards_and_replaces_a_previous_export(tiny_hf_dir, tm
 
 
 def test_generate_cli_prints_only_the_greedy_reply(tiny_hf_dir, capsys):
-    from models.sampler import Sampler, SamplingParams
+    from models.generation import Sampler, SamplingParams
     from models.sources import load
 
     code, out, err = run_cli(capsys, "generate", "--model", str(tiny_hf_dir), "--prompt", "w5 w6 w7", "--no-chat",

@@ -89,3 +89,24 @@ def test_selected_stages_then_the_rest(tiny_model, tmp_path):
     proc = run_train(tiny_model, tmp_path)  # the run dir exists: resumes, skipping sl and label
     assert "sl critique" not in proc.stderr
     check_finished_run(tmp_path / "tiny")
+
+
+def test_diverging_stage_stops_the_run_with_a_resumable_checkpoint(tiny_model, tmp_path):
+    """Corrupt labels (p_a NaN) make every preference-model update non-finite, so each is skipped: after
+    run.max_nonfinite_updates in a row the run saves the stage's state and stops (exit 2, no traceback)
+    instead of training on to export."""
+    samples = tmp_path / "tiny" / "samples"
+    samples.mkdir(parents=True)
+    pairs = [{"uid": f"u{i}", "prompt": "How do I help?", "response_a": "Like this.", "response_b": "No.",
+              "p_a": float("nan")} for i in range(4)]
+    (samples / "labels.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(train_command(tiny_model, tmp_path, "run.stages=[rm]", "rm.steps=6",
+                                        "run.max_nonfinite_updates=2"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 consecutive updates had a non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "tiny" / "checkpoints" / "rm" / "2").is_dir()
+    assert not json.loads((tmp_path / "tiny" / "stages.json").read_text()).get("rm", {}).get("done")
+    metrics = [m for m in read_records(tmp_path / "tiny" / "metrics.jsonl") if m["stage"] == "rm"]
+    assert [(m["rm/skipped"], m["rm/nonfinite_streak"]) for m in metrics] == [(1.0, 1.0), (1.0, 2.0)]

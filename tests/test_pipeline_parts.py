@@ -91,8 +91,10 @@ def test_revision_pairs_prefer_the_revision_and_skip_unrevised_prompts():
 
 
 def test_helpful_answers_become_their_own_sft_targets():
-    from trainer.stages.sl import answer_record, sft_pairs
+    from trainer.stages.sl import answer_record, sft_data
 
-    record = answer_record("u", {"prompt": "How do I bake bread?", "response": "Mix flour and water.",
+    record = answer_record("u", {"prompt": "How do I bake bread?", "response": "Mix flour and water.<|im_end|>",
                                  "constitution_hash": "h", "worker": "w"})
-    assert sft_pairs([record]) == [([{"role": "user", "content": "How do I bake bread?"}], "Mix flour and water.")]
+    [example] = sft_data([record])
+    assert list(example.messages) == [{"role": "user", "content": "How do I bake bread?"}]
+    assert example.response == "Mix flour and water."

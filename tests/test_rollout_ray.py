@@ -11,7 +11,8 @@ import pytest
 
 from trainer.dispatch import WorkerPool
 from trainer.ledger import Ledger, read_records
-from trainer.rollout import Task, TaskResult
+from models.sampling import SamplingParams
+from trainer.rollout import RolloutSettings, Task, TaskResult
 from trainer.weights import WeightHandle
 
 pytestmark = pytest.mark.ray
@@ -60,7 +61,7 @@ def _pool(ray, tmp_path, n=2, timeout_s=60.0, max_staleness=1, **kwargs):
 
 def _run(pool, ledger, version=3):
     def make_task(uids):
-        return Task("echo", tuple(uids), tuple(uids), WeightHandle(version, None), 0, {})
+        return Task("echo", tuple(uids), tuple(uids), WeightHandle(version, None), 0)
 
     return pool.run(ledger, make_task, lambda uid, rec, res: ledger.complete(uid, rec), lambda: version,
                     batch_size=3)
@@ -75,7 +76,7 @@ def test_worker_killed_mid_batch_every_uid_completed_exactly_once(ray_cluster, t
     assert sorted(r["uid"] for r in records) == sorted(uids)  # every uid once, none twice
     assert stats.worker_deaths >= 1 and stats.redispatched >= 3
     # Ray restarted the dead actor: every worker answers again.
-    probe = Task("echo", ("x",), ("x",), WeightHandle(3, None), 0, {})
+    probe = Task("echo", ("x",), ("x",), WeightHandle(3, None), 0)
     assert all(_answer_when_up(ray_cluster, h, probe).records["x"]["echo"] == "x" for h in pool.handles)
 
 
@@ -122,14 +123,14 @@ def test_real_worker_samples_at_the_published_version(ray_cluster, tmp_path):
     model_dir = write_tiny_model(tmp_path / "tiny")
     config = load_run_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [f"model.source={model_dir}"])
     worker = ray_cluster.remote(RolloutWorker).options(num_cpus=0.5).remote(config, 0)
-    params = {"max_new_tokens": 6, "temperature": 0.0}
-    task = Task("rollout", ("a", "b"), ("how do i help", "explain why"), WeightHandle(0, None), 1, params)
+    settings = RolloutSettings(SamplingParams(max_new_tokens=6, temperature=0.0))
+    task = Task("rollout", ("a", "b"), ("how do i help", "explain why"), WeightHandle(0, None), 1, settings)
     first = ray_cluster.get(worker.run.remote(task))
     assert first.version == 0 and set(first.records) == {"a", "b"}
     assert all(0 < len(r["response_ids"]) == len(r["logprobs"]) <= 6 for r in first.records.values())
     # Version 1: the same architecture with every weight scaled, published through the object store.
     flat = {p: a * 3.0 for p, a in load_checkpoint(str(model_dir)).params.items()}
     handle = publish(1, flat)
-    second = ray_cluster.get(worker.run.remote(Task("rollout", ("a", "b"), task.texts, handle, 1, params)))
+    second = ray_cluster.get(worker.run.remote(Task("rollout", ("a", "b"), task.texts, handle, 1, settings)))
     assert second.version == 1 and all(r["version"] == 1 for r in second.records.values())
     assert [second.records[u]["logprobs"] for u in "ab"] != [first.records[u]["logprobs"] for u in "ab"]

@@ -14,7 +14,7 @@ from scipy import stats
 
 from models.config import preset
 from models.llama import Llama
-from models.sampler import Buckets, Sampler, SamplerError
+from models.generation import Buckets, Sampler, SamplerError
 from models.sampling import SamplingParams, SamplingParamsError, filter_logits
 from models.sharding import MeshRules, ShardingRules, make_mesh
 

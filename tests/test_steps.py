@@ -12,9 +12,9 @@ from models.llama import Llama, ScalarModel
 from trainer import losses
 from trainer.mesh import MeshConfig, build_mesh_rules
 from trainer.optim import OptimizerConfig
-from trainer.ppo import PPOConfig, compute_advantages, create_ppo_state, make_ppo_step, make_token_fn, token_logprobs
+from trainer.ppo import PPOConfig, compute_advantages, create_ppo_state, make_ppo_step, make_token_fn
 from trainer.state import NonFiniteGuard, TrainingDivergedError, create_train_state
-from trainer.steps import make_rm_eval, make_rm_step, make_sft_step
+from trainer.steps import make_rm_eval, make_rm_step, make_sft_step, rm_eval_metrics, token_logprobs_and_entropy
 
 TINY = preset("tiny")
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)
@@ -171,8 +171,8 @@ def test_rm_learns_separable_preferences(eight_devices):
     step, evaluate = make_rm_step(state, mesh_rules), make_rm_eval(state, mesh_rules)
     for i in range(30):
         state, metrics = step(state, rm_batch(rows=16, seed=i))
-    held_out = evaluate(state, rm_batch(rows=64, seed=1000))
-    assert float(held_out["accuracy"]) > 0.95, host(held_out)
+    held_out = rm_eval_metrics([evaluate(state, rm_batch(rows=64, seed=1000))])
+    assert held_out["accuracy"] > 0.95, held_out
 
 
 # -------------------------------------------------------------------------------------------- PPO
@@ -216,7 +216,7 @@ def test_ppo_step_raises_the_surrogate_objective(eight_devices):
 
     @jax.jit
     def surrogate_loss(params):
-        logprob = token_logprobs(state.policy.model(params), batch["tokens_BxT"], batch["attention_mask_BxT"])
+        logprob = token_logprobs_and_entropy(state.policy.model(params), batch["tokens_BxT"], batch["attention_mask_BxT"])[0]
         loss, _ = losses.ppo_policy_loss(logprob, batch["old_logprobs_BxT"], advantages, batch["response_mask_BxT"],
                                          config.clip_ratio)
         return loss
@@ -259,6 +259,16 @@ def test_non_finite_update_is_skipped_bit_identically(eight_devices):
         guard.check(metrics)
     state, metrics = step(state, ppo_batch(seed=1))  # a good batch resets the streak
     assert int(metrics["nonfinite_streak"]) == 0
+
+
+def test_target_kl_stops_the_epochs_of_a_batch(eight_devices):
+    """An off-policy batch (random rollout log-probs) has an approximate KL far above 1e-6 in the first
+    epoch: the other two epochs do not run, leaving exactly the weights of a one-epoch update."""
+    stopped_params, stopped = run_ppo((2, 2, 2), config=PPOConfig(epochs=3, minibatches=1, target_kl=1e-6))
+    one_epoch_params, _ = run_ppo((2, 2, 2), config=PPOConfig(epochs=1, minibatches=1))
+    assert stopped["epochs_run"] == 1.0 and stopped["approx_kl"] > 1e-6
+    for x, y in zip(jax.tree.leaves(stopped_params), jax.tree.leaves(one_epoch_params), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_ppo_rejects_minibatch_not_divisible_by_shards(eight_devices):

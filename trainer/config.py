@@ -3,8 +3,10 @@
     config = load_run_config("configs/demo.yaml", ["ppo.iterations=4", "run.stages=[sl,label]"])
 
 Each section is a frozen dataclass validating itself in `__post_init__`; unknown keys are rejected
-by `trainer.configlib` with the file, line and closest matches. This module imports neither JAX nor
-Ray: a bad config must fail before either starts.
+by `trainer.configlib` with the file, line and closest matches. The worker-side settings are the
+classes the workers use (`sl` ⊇ trainer.critique.CritiqueConfig, `label` = trainer.feedback.
+FeedbackConfig), so every rule of theirs is checked here, at load. Loading starts neither a JAX
+backend nor Ray: a bad config must fail before either starts.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 from models.config import AttentionImpl
+from models.sampling import SamplingParams
 from models.errors import UserError
 from trainer import configlib
 from trainer.checkpoint import CheckpointConfig
+from trainer.critique import CritiqueConfig
+from trainer.feedback import FeedbackConfig
 from trainer.kl import KLConfig
 from trainer.mesh import MeshConfig
 from trainer.optim import OptimizerConfig
@@ -71,18 +76,14 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class SLSection:
-    rounds: int = 1  # critique → revision rounds per prompt
-    few_shot: int = 1  # few-shot critique examples in each prompt
-    # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models);
-    # direct: answer anew guided by the constitution's guidance and the principle, no critique (paper §3.5)
-    revision_style: Literal["chat", "fresh", "direct"] = "chat"
+class SLSection(CritiqueConfig):
+    """SL-CAI: the critique settings workers receive (trainer.critique.CritiqueConfig), then fine-tuning."""
+
     # Prompt sets (their source names, e.g. "helpful_train") answered but not critiqued: the answers join
     # the SFT data unchanged, so fine-tuning on revisions does not teach refusing everything (the paper
     # mixes helpful samples into SL-CAI the same way).
     helpful_sources: tuple[str, ...] = ()
-    max_new_tokens: int = 64  # per answer, critique and revision
-    temperature: float = 0.0  # 0 = greedy
+
     sft_steps: int = 8  # SFT updates on the final revisions
     batch_size: int = 4  # SFT batch (sequences)
     max_seq_len: int = 192  # SFT sequences are cut to this many tokens
@@ -90,35 +91,25 @@ class SLSection:
         default_factory=lambda: OptimizerConfig(learning_rate=1e-5, decay="constant", total_steps=1000))
 
     def __post_init__(self):
-        if self.rounds < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("sl: rounds, batch_size and max_new_tokens must be ≥ 1 and sft_steps ≥ 0")
+        super().__post_init__()
+        if self.sft_steps < 0 or self.batch_size < 1 or self.max_seq_len < 2:
+            raise RunConfigError("sl: sft_steps ≥ 0, batch_size ≥ 1 and max_seq_len ≥ 2 expected")
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelSection:
-    max_new_tokens: int = 48  # per sampled response
-    temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
-    top_p: float = 0.95
-    scoring: Literal["choice", "contrast"] = "choice"  # choice: "(A)"/"(B)" multiple choice (the paper); contrast: good vs bad instruction likelihood (small models)
-    principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
-    few_shot: int = 1  # feedback examples shown before each question
-    debias_order: bool = True  # also ask with the answers swapped, average the two estimates
-    chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped
-    cot_clamp: tuple[float, float] = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%)
+class LabelSection(FeedbackConfig):
+    """AI feedback: the labelling settings workers receive (trainer.feedback.FeedbackConfig), and where pairs come from."""
+
     # sampled: two samples per prompt, labelled by the feedback model (the paper);
     # revisions: SL-CAI's (final revision, initial answer) pairs, the revision preferred with
-    # probability revision_p -- the critique-and-revision step did the judging (no feedback model).
+    # probability revision_p -- the constitution-guided revision did the judging (no feedback model).
     pairs: Literal["sampled", "revisions"] = "sampled"
     revision_p: float = 0.9  # soft label of the revision in `revisions` pairs (conservative, not 1)
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.5 < self.revision_p <= 1.0:
             raise RunConfigError(f"label.revision_p must be in (0.5, 1], got {self.revision_p}")
-        if self.principles_per_pair < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("label: principles_per_pair and max_new_tokens must be ≥ 1")
-        lo, hi = self.cot_clamp
-        if not 0.0 <= lo < hi <= 1.0:
-            raise RunConfigError(f"label.cot_clamp must be [lo, hi] with 0 ≤ lo < hi ≤ 1, got {self.cot_clamp}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +143,14 @@ class PPOSection:
     value_from: Literal["reward_model", "policy"] = "reward_model"  # value model initialisation
 
     def __post_init__(self):
-        if self.iterations < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and max_new_tokens ≥ 1 expected")
+        if self.iterations < 0 or self.batch_size < 1 or self.eval_max_new_tokens < 1:
+            raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and eval_max_new_tokens ≥ 1 expected")
+        self.sampling()  # raises on a setting that describes no distribution
+
+    def sampling(self) -> SamplingParams:
+        """How rollout workers sample PPO's responses."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +186,11 @@ class RunSection:
     seed: int = 0
     stages: tuple[Stage, ...] = STAGES  # which stages to run, in this order
     export: bool = True  # write hf/ with the final policy
+    max_nonfinite_updates: int = 5  # stop (checkpoint saved) after this many updates in a row were skipped as non-finite
 
     def __post_init__(self):
+        if self.max_nonfinite_updates < 1:
+            raise RunConfigError(f"run.max_nonfinite_updates must be ≥ 1, got {self.max_nonfinite_updates}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise RunConfigError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' only")
         order = [STAGES.index(s) for s in self.stages]
@@ -245,7 +245,3 @@ def to_yaml(config: RunConfig) -> str:
 
     return yaml.safe_dump(redacted(configlib.to_dict(config)), sort_keys=False)
 
-
-def from_yaml_file(path: Path) -> RunConfig:
-    """Read back a run directory's resolved config.yaml."""
-    return configlib.load(RunConfig, path)

@@ -28,6 +28,15 @@ class ConfigError(UserError):
     """A config file or override that does not describe a valid config."""
 
 
+class FieldError(UserError, ValueError):
+    """Raised by a config class's `__post_init__` for a value (or a combination of values) that cannot
+    work; `key` names the field to blame, so the loader can point at its line in the file."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 @dataclasses.dataclass(frozen=True)
 class Located:
     """Where a value came from, for error messages."""
@@ -212,6 +221,8 @@ def _convert_dataclass(cls: type, value: Any, located: Located, path: tuple[str,
             raise ConfigError(f"{located.where(path)}: missing required key '{'.'.join(path + (name,))}'")
     try:
         return cls(**kwargs)
+    except FieldError as err:
+        raise ConfigError(f"{located.where(path + (err.key,))}: {err}") from None
     except UserError as err:
         raise ConfigError(f"{located.where(path)}: {err}") from None
     except (TypeError, ValueError) as err:

@@ -1,8 +1,7 @@
 """SL-CAI: answer, then R rounds of (sample a principle, critique, revise); final revisions become SFT data.
 
     generator = SamplerTextGenerator(sampler, tokenizer, SamplingParams(temperature=0.7, top_p=0.9))
-    records = run_sl_cai(prompts, constitution, generator, CritiqueConfig(rounds=2))
-    write_jsonl(run_dir / "samples" / "sl.jsonl", [r.to_json() for r in records])
+    records = run_sl_cai(prompts, constitution, generator, CritiqueConfig(rounds=2), seed=0)
     pairs = sft_examples(records)
 
 Every step is one batched call of the generator over all prompts. The principle of round r for a
@@ -14,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from models.errors import UserError
+from trainer.configlib import FieldError
 from trainer.constitution import Constitution, CritiqueExample, Principle
 from trainer.data.records import Prompt
 from trainer.prompts import (
@@ -43,28 +40,29 @@ class TextGenerator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class CritiqueConfig:
-    """How SL-CAI samples and how long each generated piece may be."""
+    """How SL-CAI samples and how long each generated piece may be: the `sl` section of a run config
+    (trainer.config.SLSection adds the fine-tuning settings) and what an `sl` task carries to a worker."""
 
-    rounds: int = 1  # critique -> revision rounds per prompt
-    num_few_shot: int = 2  # critique examples shown before each prompt (0 = none)
-    response_tokens: int = 128  # budget of the initial answer
-    critique_tokens: int = 96  # budget of each critique
-    revision_tokens: int = 128  # budget of each revision
-    seed: int = 0  # principle and few-shot sampling
-    # chat: revise after the critique (the paper); fresh: answer anew with the critique as guidance;
+    rounds: int = 1  # critique → revision rounds per prompt
+    few_shot: int = 1  # few-shot critique examples in each prompt (0 = none)
+    # chat: revise after the critique (the paper); fresh: answer anew guided by it (small models);
     # direct: answer anew guided by the constitution and the principle, no critique (the paper's §3.5 ablation)
     revision_style: Literal["chat", "fresh", "direct"] = "chat"
+    max_new_tokens: int = 64  # budget of the answer, of each critique and of each revision
+    temperature: float = 0.0  # 0 = greedy
 
     def __post_init__(self):
         if self.rounds < 1:
-            raise UserError(f"critique: rounds must be >= 1, got {self.rounds}")
+            raise FieldError("rounds", f"rounds must be ≥ 1, got {self.rounds}")
         if self.revision_style not in ("chat", "fresh", "direct"):
-            raise UserError(f"critique: revision_style must be 'chat', 'fresh' or 'direct', got {self.revision_style!r}")
-        if self.num_few_shot < 0:
-            raise UserError(f"critique: num_few_shot must be >= 0, got {self.num_few_shot}")
-        for name in ("response_tokens", "critique_tokens", "revision_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"critique: {name} must be >= 1, got {getattr(self, name)}")
+            raise FieldError("revision_style",
+                             f"revision_style must be 'chat', 'fresh' or 'direct', got {self.revision_style!r}")
+        if self.few_shot < 0:
+            raise FieldError("few_shot", f"few_shot must be ≥ 0, got {self.few_shot}")
+        if self.max_new_tokens < 1:
+            raise FieldError("max_new_tokens", f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise FieldError("temperature", f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,30 +128,32 @@ def run_sl_cai(
     generator: TextGenerator,
     config: CritiqueConfig = CritiqueConfig(),
     initial_responses: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> list[CritiqueRecord]:
     """Critique and revise an answer to each prompt; one generator call per step for the whole batch.
 
-    `initial_responses` skips the answering step (e.g. answers sampled elsewhere).
+    `initial_responses` skips the answering step (e.g. answers sampled elsewhere). `seed` (the run's)
+    draws the principles and few-shot examples.
     """
     if not prompts:
         return []
     conversations = [prompt_messages(p.text) for p in prompts]
     if initial_responses is None:
-        raw = generator.generate([list(c) for c in conversations], config.response_tokens)
+        raw = generator.generate([list(c) for c in conversations], config.max_new_tokens)
         initial_responses = [clean_generation(text) for text in raw]
     elif len(initial_responses) != len(prompts):
         raise ValueError(f"run_sl_cai: {len(initial_responses)} initial responses for {len(prompts)} prompts")
     few_shot: list[Chat] = []
     for prompt in prompts:
         turns: Chat = []
-        for example in sample_few_shot(constitution, config.seed, prompt.uid, config.num_few_shot):
+        for example in sample_few_shot(constitution, seed, prompt.uid, config.few_shot):
             turns += critique_example_turns(constitution, example)
         few_shot.append(turns)
 
     current = list(initial_responses)
     rounds: list[list[CritiqueRound]] = [[] for _ in prompts]
     for round_index in range(config.rounds):
-        principles = [sample_principle(constitution, config.seed, p.uid, round_index) for p in prompts]
+        principles = [sample_principle(constitution, seed, p.uid, round_index) for p in prompts]
         if config.revision_style == "direct":
             critiques = [""] * len(prompts)  # a direct revision is guided by the constitution alone
         else:
@@ -161,12 +161,12 @@ def run_sl_cai(
                 critique_chat(conv, answer, principle.critique_request, shots)
                 for conv, answer, principle, shots in zip(conversations, current, principles, few_shot)
             ]
-            critiques = [clean_generation(t) for t in generator.generate(critique_chats, config.critique_tokens)]
+            critiques = [clean_generation(t) for t in generator.generate(critique_chats, config.max_new_tokens)]
         revision_chats = [
             _revision_chat(config.revision_style, constitution, conv, answer, principle, critique, shots)
             for conv, answer, principle, critique, shots in zip(conversations, current, principles, critiques, few_shot)
         ]
-        revisions = [clean_generation(t) for t in generator.generate(revision_chats, config.revision_tokens)]
+        revisions = [clean_generation(t) for t in generator.generate(revision_chats, config.max_new_tokens)]
         for i, (principle, critique, revision) in enumerate(zip(principles, critiques, revisions)):
             rounds[i].append(CritiqueRound(principle.id, critique, revision))
             if revision:  # an empty revision revises nothing: keep critiquing the last real answer
@@ -203,23 +203,9 @@ def sft_examples(records: Iterable[CritiqueRecord]) -> list[SFTExample]:
     ]
 
 
-# -- JSONL -----------------------------------------------------------------------------------------
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]], append: bool = False) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a" if append else "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # -- the adapter over the sampler -------------------------------------------------------------------
 class SamplerTextGenerator:
-    """`TextGenerator` over a models.sampler.Sampler: chat template -> token ids -> sample -> decoded text.
+    """`TextGenerator` over a models.generation.Sampler: chat template -> token ids -> sample -> decoded text.
 
     Each call uses a fresh seed (base seed + call index), so repeated steps do not repeat the same
     random draws, while a whole run stays reproducible.

@@ -19,7 +19,7 @@ principle than when they asked for one that breaks it,
 and p(a better) = sigmoid(s(a) - s(b)). Principles need good_instruction / bad_instruction for it.
 
     scorer = LlamaOptionScorer(model, tokenizer)
-    labels = label_pairs(pairs, constitution, scorer, FeedbackConfig(num_principles=4))
+    labels = label_pairs(pairs, constitution, scorer, FeedbackConfig(principles_per_pair=4), seed=0)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from flax import nnx
 
 from models.errors import UserError
 from models.llama import KVCache, default_positions
+from trainer.configlib import FieldError
 from trainer.constitution import Constitution, Principle
 from trainer.critique import TextGenerator, seeded_rng
 from trainer.prompts import (
@@ -54,6 +55,10 @@ from trainer.prompts import (
 
 class FeedbackError(UserError, ValueError):
     """Feedback settings or inputs that cannot produce labels."""
+
+
+class FeedbackConfigError(FieldError, FeedbackError):
+    """A `label` setting (or combination) that cannot work; `key` names it."""
 
 
 # -- math -----------------------------------------------------------------------------------------
@@ -221,30 +226,41 @@ def _per_context_options(contexts: Sequence[str], options) -> list[list[str]]:
 # -- labelling ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FeedbackConfig:
-    """How preference labels are made."""
+    """How preference labels are made: the `label` section of a run config, and what a `label` task
+    carries to a worker."""
 
-    scoring: Literal["choice", "contrast"] = "choice"  # multiple choice (the CAI paper) or contrastive (small models)
-    num_principles: int = 4  # k comparison principles per pair, averaged (ensembling)
-    num_few_shot: int = 2  # feedback examples shown before each question (0 = none)
-    debias_order: bool = True  # also ask with the answers swapped and average
-    chain_of_thought: bool = False  # generate reasoning before scoring (needs a generator)
-    cot_tokens: int = 96  # reasoning budget
-    cot_clamp: tuple[float, float] | None = (0.4, 0.6)  # clamp CoT probabilities to [low, high]; None = no clamp
-    seed: int = 0  # principle sampling
+    max_new_tokens: int = 48  # per sampled response
+    temperature: float = 1.0  # the two responses of a pair are sampled at this temperature
+    top_p: float = 0.95
+    scoring: Literal["choice", "contrast"] = "choice"  # choice: "(A)"/"(B)" multiple choice (the paper); contrast: good vs bad instruction likelihood (small models)
+    principles_per_pair: int = 1  # ensemble: comparison principles scored per pair, probabilities averaged
+    few_shot: int = 1  # feedback examples shown before each question (choice scoring; 0 = none)
+    debias_order: bool = True  # also ask with the answers swapped, average the two estimates (choice scoring)
+    chain_of_thought: bool = False  # reason first, then score the options; probabilities clamped (choice scoring)
+    cot_tokens: int = 96  # reasoning budget with chain_of_thought
+    cot_clamp: tuple[float, float] | None = (0.4, 0.6)  # clamp range after chain-of-thought (the paper's 40–60%); null: none
 
     def __post_init__(self):
-        if self.num_principles < 1:
-            raise FeedbackError(f"feedback: num_principles must be >= 1, got {self.num_principles}")
+        if self.principles_per_pair < 1:
+            raise FeedbackConfigError("principles_per_pair", f"principles_per_pair must be ≥ 1, got {self.principles_per_pair}")
+        if self.max_new_tokens < 1 or self.cot_tokens < 1:
+            raise FeedbackConfigError("max_new_tokens", "max_new_tokens and cot_tokens must be ≥ 1")
+        if self.few_shot < 0:
+            raise FeedbackConfigError("few_shot", f"few_shot must be ≥ 0, got {self.few_shot}")
         if self.scoring not in ("choice", "contrast"):
-            raise FeedbackError(f"feedback: scoring must be 'choice' or 'contrast', got {self.scoring!r}")
-        if self.scoring == "contrast" and self.chain_of_thought:
-            raise FeedbackError("feedback: chain_of_thought applies to scoring='choice' only")
-        if self.num_few_shot < 0 or self.cot_tokens < 1:
-            raise FeedbackError("feedback: num_few_shot must be >= 0 and cot_tokens >= 1")
+            raise FeedbackConfigError("scoring", f"scoring must be 'choice' or 'contrast', got {self.scoring!r}")
+        if self.scoring == "contrast":
+            # Contrast scoring asks no lettered question: nothing to show examples of, no order to swap.
+            for key, value in (("chain_of_thought", self.chain_of_thought), ("few_shot", self.few_shot),
+                               ("debias_order", self.debias_order)):
+                if value:
+                    raise FeedbackConfigError(key, f"{key} applies to scoring 'choice' only; with scoring 'contrast' "
+                                                   f"set it to {0 if key == 'few_shot' else 'false'}")
         if self.cot_clamp is not None:
             low, high = self.cot_clamp
-            if not 0.0 <= low <= 0.5 <= high <= 1.0:
-                raise FeedbackError(f"feedback: cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1, got {self.cot_clamp}")
+            if not 0.0 <= low <= 0.5 <= high <= 1.0 or low == high:
+                raise FeedbackConfigError("cot_clamp", f"cot_clamp must be [low, high] with 0 ≤ low ≤ 0.5 ≤ high ≤ 1 "
+                                                       f"and low < high, got {list(self.cot_clamp)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,17 +366,19 @@ def label_pairs(
     scorer: OptionScorer,
     config: FeedbackConfig = FeedbackConfig(),
     generator: TextGenerator | None = None,
+    seed: int = 0,
 ) -> list[LabelRecord]:
-    """Soft preference labels for `pairs`: one scorer call (and one generator call with CoT) for the whole batch."""
+    """Soft preference labels for `pairs`: one scorer call (and one generator call with CoT) for the whole
+    batch. `seed` (the run's) draws each pair's principles."""
     if not pairs:
         return []
     if config.chain_of_thought and generator is None:
         raise FeedbackError("feedback: chain_of_thought needs a generator to write the reasoning")
-    principles = [sample_comparison_principles(constitution, config.seed, p.uid, config.num_principles, config.scoring)
+    principles = [sample_comparison_principles(constitution, seed, p.uid, config.principles_per_pair, config.scoring)
                   for p in pairs]
     if config.scoring == "contrast":
         return _label_by_contrast(pairs, principles, constitution, scorer)
-    few_shot = feedback_few_shot(constitution, config.num_few_shot, config.chain_of_thought)
+    few_shot = feedback_few_shot(constitution, config.few_shot, config.chain_of_thought)
     jobs: list[_Question] = []
     questions = []
     for i, pair in enumerate(pairs):

@@ -45,8 +45,11 @@ def initial_beta(config: KLConfig) -> jax.Array:
 def update_beta(config: KLConfig, beta: jax.Array, observed_kl: jax.Array, num_sequences: int) -> jax.Array:
     """Adaptive:  e = clip(KL / KL_target − 1, −0.2, 0.2),   β ← β · (1 + e · n / horizon)
     where KL is the mean per-sequence KL of the batch and n the number of sequences in it.
+    A non-finite KL (a batch whose update was skipped as non-finite) leaves β unchanged: a NaN
+    here would otherwise stay in β, and in every reward after it, for the rest of the run.
     Fixed: β unchanged."""
     if config.kind == "fixed":
         return beta
     error = jnp.clip(observed_kl / config.target - 1.0, -0.2, 0.2)
-    return (beta * (1.0 + error * num_sequences / config.horizon)).astype(jnp.float32)
+    updated = (beta * (1.0 + error * num_sequences / config.horizon)).astype(jnp.float32)
+    return jnp.where(jnp.isfinite(observed_kl), updated, beta)

@@ -68,21 +68,30 @@ def last_token_index(mask_BxT: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask_BxT.astype(bool), positions_BxT, 0), axis=1)
 
 
-def bradley_terry_loss(score_chosen_B, score_rejected_B, p_chosen_B) -> tuple[jax.Array, jax.Array]:
+def bradley_terry_loss(score_chosen_B, score_rejected_B, p_chosen_B) -> jax.Array:
     """Bradley–Terry with soft labels, per pair.
 
     With Δ = r_c − r_r and label p = P(chosen ≻ rejected):
         L = −[p · log σ(Δ) + (1 − p) · log σ(−Δ)]
-    (the cross-entropy between the label and the model's σ(Δ)). Accuracy per pair is
-    1[Δ > 0] when p > 0.5, 1[Δ < 0] when p < 0.5, and 0.5 for a tie label p = 0.5.
-    Returns (loss_B, accuracy_B).
+    (the cross-entropy between the label and the model's σ(Δ)). Returns loss_B.
     """
     delta = (score_chosen_B - score_rejected_B).astype(jnp.float32)
     p = p_chosen_B.astype(jnp.float32)
-    loss = -(p * jax.nn.log_sigmoid(delta) + (1.0 - p) * jax.nn.log_sigmoid(-delta))
+    return -(p * jax.nn.log_sigmoid(delta) + (1.0 - p) * jax.nn.log_sigmoid(-delta))
+
+
+def preference_agreement(score_chosen_B, score_rejected_B, p_chosen_B) -> tuple[jax.Array, jax.Array]:
+    """Does the preference model prefer the side the label prefers? Per pair (agree_B, decided_B):
+
+        agree = 1[Δ > 0] if p > ½,  1[Δ < 0] if p < ½,  and ½ when Δ = 0 (a tie is a coin flip,
+                e.g. the untrained zero head)
+        decided = 1[p ≠ ½]   (a tie label has no right side)
+    The accuracy of a set of pairs is masked_mean(agree, decided) = Σ agree·decided / Σ decided.
+    """
+    delta = (score_chosen_B - score_rejected_B).astype(jnp.float32)
+    p = p_chosen_B.astype(jnp.float32)
     agree = jnp.where(p > 0.5, delta > 0, delta < 0).astype(jnp.float32)
-    accuracy = jnp.where(p == 0.5, 0.5, agree)
-    return loss, accuracy
+    return jnp.where(delta == 0, 0.5, agree), (p != 0.5).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------ PPO

@@ -156,10 +156,10 @@ def _interleave(sets: list[list], cycle: bool = False) -> list:
 
 def load_prompts(config: RunConfig) -> dict:
     """Train prompts split into disjoint sl / label / ppo slices (wrapping when there are too few) and eval."""
+    from models.fetch import cache_root
     from trainer.data.load import load_prompt_set
 
-    data_dir = config.data.data_dir or str(Path(os.environ.get("CAIRL_CACHE") or Path.home() / ".cache" / "cairl")
-                                           / "tfds")
+    data_dir = config.data.data_dir or str(cache_root() / "tfds")
     train = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.prompts], config.data.cycle_sets)
     held = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.eval_prompts])
     train_uids = {p.uid for p in train}

@@ -3,14 +3,13 @@
     policy = Policy.load("smollm2-135m-instruct")
     ids = policy.chat_ids("How do I bake bread?")                      # chat-rendered prompt tokens
     texts, n_tokens = policy.respond(["How do I ...?"], 64, temperature=0.0, seed=0)
-    generate = policy.text_generator(64)                               # raw text in → text out
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from models.sampler import Sampler, SamplingParams
+from models.generation import Sampler, SamplingParams
 from models.sources import load
 from models.tokenizer import Tokenizer
 
@@ -44,15 +43,3 @@ class Policy:
                 top_p: float = 1.0) -> tuple[list[str], int]:
         """The assistant's reply to each user message (chat template applied)."""
         return self._generate([self.chat_ids(t) for t in user_texts], max_new_tokens, temperature, seed, top_p)
-
-    def text_generator(self, max_new_tokens: int, temperature: float = 0.0,
-                       seed: int = 0) -> Callable[[Sequence[str], int | None], list[str]]:
-        """`generate(texts, max_new_tokens=None) -> texts` continuing raw prompt strings (already formatted)."""
-        calls = [0]
-
-        def generate(texts: Sequence[str], max_tokens: int | None = None) -> list[str]:
-            calls[0] += 1
-            prompts = [self.tokenizer.encode(t, add_bos=self.tokenizer.add_bos_token) for t in texts]
-            return self._generate(prompts, max_tokens or max_new_tokens, temperature, seed + calls[0])[0]
-
-        return generate

@@ -16,7 +16,8 @@ Batch (B rows, T positions, per-token arrays aligned with the token they concern
   tokens_BxT int32, attention_mask_BxT, response_mask_BxT (1 on generated tokens),
   old_logprobs_BxT (rollout policy), ref_logprobs_BxT (reference policy), old_values_BxT (value
   model at rollout time, `token_values`), scores_B (preference-model score of each response).
-`token_logprobs` / `token_values` compute the aligned arrays from a model with the same convention.
+`steps.token_logprobs_and_entropy` / `token_values` compute the aligned arrays from a model with the same
+convention.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class PPOConfig:
     lam: float = 0.95  # GAE λ
     whiten_advantages: bool = True  # normalise advantages over the batch's response tokens
     epochs: int = 1  # passes over each rollout batch
+    target_kl: float | None = None  # stop a batch's epochs after one whose mean approximate KL exceeds this; None: all epochs
     minibatches: int = 1  # updates per pass
     kl: KLConfig = dataclasses.field(default_factory=KLConfig)  # KL penalty in the reward
 
@@ -69,6 +71,8 @@ class PPOConfig:
             raise PPOConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.vf_coef < 0 or self.entropy_coef < 0:
             raise PPOConfigError("ppo.vf_coef and ppo.entropy_coef must be ≥ 0")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise PPOConfigError(f"ppo.update.target_kl must be > 0 or null, got {self.target_kl}")
         if self.epochs < 1 or self.minibatches < 1:
             raise PPOConfigError(f"ppo.epochs and ppo.minibatches must be ≥ 1, got {self.epochs}, {self.minibatches}")
 
@@ -99,11 +103,6 @@ def replicated_like(state: TrainState):
 
 
 # ------------------------------------------------------------------------ model-side per-token arrays
-
-
-def token_logprobs(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
-    """log π(tokens[t] | tokens[<t]) at every t (0 at t = 0), fp32 [B, T]."""
-    return token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT)[0]
 
 
 def token_values(model, tokens_BxT, attention_mask_BxT) -> jax.Array:
@@ -166,8 +165,26 @@ def _minibatch_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState,
     policy, p_stats = apply_update(state.policy, p_grads, p_loss)
     value, v_stats = apply_update(state.value, v_grads, v_loss)
     metrics = {**p_aux, **v_aux, "policy_grad_norm": p_stats["grad_norm"], "value_grad_norm": v_stats["grad_norm"],
-               "policy_skipped": p_stats["skipped_update"], "value_skipped": v_stats["skipped_update"]}
+               "policy_skipped": p_stats["skipped"], "value_skipped": v_stats["skipped"]}
     return state.replace(policy=policy, value=value), metrics
+
+
+def _epochs_with_kl_stop(epoch, state: PPOState, keys, target_kl: float):
+    """Run `epoch(state, key)` per key until an epoch's mean approximate KL (to the rollout policy,
+    losses.ppo_policy_loss) exceeds `target_kl`; later epochs are skipped (a `lax.cond`, their
+    metrics zeros). Returns the state, per-update metrics [epochs, minibatches] and ran_E ∈ {0, 1}."""
+    per_update_shape = jax.eval_shape(epoch, state, keys[0])[1]
+
+    def one(carry, key):
+        state, stopped = carry
+        skip = lambda s: (s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), per_update_shape))  # noqa: E731
+        state, per_update = jax.lax.cond(stopped, skip, lambda s: epoch(s, key), state)
+        ran = (~stopped).astype(jnp.float32)
+        stopped = stopped | (jnp.mean(per_update["approx_kl"]) > target_kl)
+        return (state, stopped), (per_update, ran)
+
+    (state, _), (per_update, ran_E) = jax.lax.scan(one, (state, jnp.asarray(False)), keys)
+    return state, per_update, ran_E
 
 
 def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch: Batch) -> tuple[PPOState, dict]:
@@ -193,10 +210,19 @@ def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch:
         return jax.lax.scan(lambda s, mb: _minibatch_update(config, mesh_rules, s, mb), state,
                             split_rows(shuffled, config.minibatches))
 
-    state, per_update = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, config.epochs))
-    metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+    keys = jax.random.split(shuffle_key, config.epochs)
+    if config.target_kl is None:
+        state, per_update = jax.lax.scan(epoch, state, keys)
+        metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+        metrics["epochs_run"] = jnp.asarray(config.epochs, jnp.float32)
+    else:
+        state, per_update, ran_E = _epochs_with_kl_stop(epoch, state, keys, config.target_kl)
+        weight = ran_E[:, None] / (jnp.maximum(jnp.sum(ran_E), 1.0) * config.minibatches)
+        metrics = {k: jnp.sum(v * weight) for k, v in per_update.items()}
+        metrics["epochs_run"] = jnp.sum(ran_E)
     metrics["policy_skipped"] = jnp.sum(per_update["policy_skipped"])
     metrics["value_skipped"] = jnp.sum(per_update["value_skipped"])
+    metrics["skipped"] = metrics["policy_skipped"] + metrics["value_skipped"]
 
     mask = batch["response_mask_BxT"]
     kl_per_sequence = jnp.sum(adv["kl_BxT"], axis=1)
@@ -215,20 +241,17 @@ def ppo_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, batch:
     return PPOState(policy=policy, value=value, beta=new_beta), metrics
 
 
-def ppo_state_shardings(state: PPOState, mesh_rules: MeshRules):
-    return state_shardings(state, mesh_rules)
-
-
 def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
     """Jitted `(ppo_state, batch) -> (ppo_state, metrics)` with explicit shardings, state donated.
 
     Metrics (means over the epochs × minibatches updates unless noted): policy_loss, entropy,
     clip_fraction, approx_kl, value_loss, value_clip_fraction, policy/value_grad_norm,
-    policy/value_skipped (counts), and per batch: kl (mean per-sequence KL to the reference),
+    policy/value_skipped and skipped (counts of updates not applied), epochs_run (fewer than
+    `epochs` when `target_kl` stopped them; means are over the epochs run), and per batch: kl (mean per-sequence KL to the reference),
     beta (used for this batch), score, reward, returns, explained_variance (rollout values vs
     returns), response_length, nonfinite_streak, step.
     """
-    shardings = ppo_state_shardings(state, mesh_rules)
+    shardings = state_shardings(state, mesh_rules)
     return jax.jit(
         lambda s, b: ppo_update(config, mesh_rules, s, b),
         in_shardings=(shardings, batch_sharding(mesh_rules)),
@@ -240,7 +263,7 @@ def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
 def make_token_fn(state: TrainState, mesh_rules: MeshRules, kind: str):
     """Jitted `(train_state, tokens_BxT, attention_mask_BxT) -> [B, T]` aligned per-token arrays:
     kind 'logprobs' (policy or reference, a Llama) or 'values' (value model, a ScalarModel)."""
-    fn = {"logprobs": token_logprobs, "values": token_values}[kind]
+    fn = {"logprobs": lambda *a: token_logprobs_and_entropy(*a)[0], "values": token_values}[kind]
     return jax.jit(
         lambda s, tokens, mask: fn(s.model(), tokens, mask),
         in_shardings=(state_shardings(state, mesh_rules), batch_sharding(mesh_rules), batch_sharding(mesh_rules)),

@@ -21,10 +21,10 @@ AI feedback (multiple choice, scored by the log-probability of each option):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from trainer.constitution import Constitution, CritiqueExample, FeedbackExample, Message
+from trainer.data.records import transcript_turns
 
 Chat = list[dict[str, str]]
 
@@ -67,9 +67,6 @@ def as_chat(messages: Sequence[Message]) -> Chat:
     return [message(m.role, m.content) for m in messages]
 
 
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-
-
 def prompt_messages(text: str) -> Chat:
     """A prompt as chat messages: a 'Human: ... Assistant: ...' transcript (hh-rlhf) becomes its turns, anything else one user turn.
 
@@ -78,9 +75,8 @@ def prompt_messages(text: str) -> Chat:
     stripped = text.strip()
     if not stripped.startswith("Human:"):
         return [message("user", stripped)]
-    pieces = _HH_TURN.split(text.strip())
     roles = {"Human": "user", "Assistant": "assistant"}
-    chat = [message(roles[label], body.strip()) for label, body in zip(pieces[1::2], pieces[2::2])]
+    chat = [message(roles[speaker], body) for speaker, body in transcript_turns(stripped)[1]]
     while chat and not chat[-1]["content"]:
         chat.pop()
     return chat

@@ -1,16 +1,17 @@
 """RolloutWorker: a Ray actor holding a policy copy, its sampler and tokenizer; runs one task at a time.
 
-A task names a kind, a batch of prompt uids with their texts, and the weight version to use:
+A task names a kind, a batch of prompt uids with their texts, the weight version to use and the
+kind's settings, typed (the config classes the run config validated):
 
-    Task(kind="rollout", uids=[...], texts=[...], weights=WeightHandle(3, ref), seed=..., params={...})
+    Task(kind="rollout", uids=(...), texts=(...), weights=WeightHandle(3, ref), seed=...,
+         settings=RolloutSettings(SamplingParams(max_new_tokens=32, temperature=1.0), max_prompt_tokens=96))
 
 The worker first brings its policy to that version (fetching from the object store only on a
 change), then runs the whole batch at that version — a batch never mixes versions — and returns
 `TaskResult(version, records={uid: record})`. Kinds:
-  rollout  one sampled response per prompt: token ids and behaviour log-probs (PPO)
-  respond  one response per prompt as text (evaluation; greedy unless params say otherwise)
-  sl       SL-CAI: answer, then rounds of critique → revision (trainer.critique)
-  label    two responses per prompt, scored by the feedback model (trainer.feedback)
+  rollout  one sampled response per prompt: token ids and behaviour log-probs (PPO)   RolloutSettings
+  sl       SL-CAI: answer, then rounds of critique → revision (trainer.critique)      CritiqueConfig
+  label    two responses per prompt, scored by the feedback model (trainer.feedback)  FeedbackConfig
 
 The worker holds no run state: a restarted worker (Ray `max_restarts`) rebuilds itself from the
 constructor arguments and is brought to the right weights by its next task.
@@ -32,13 +33,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """How a rollout task samples: the sampling parameters, and the prompt context the learner trains on."""
+
+    sampling: Any  # models.sampling.SamplingParams
+    max_prompt_tokens: int | None = None  # keep the last this many prompt tokens (None: all)
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
-    kind: str  # rollout | respond | sl | label
+    kind: str  # rollout | sl | label
     uids: tuple[str, ...]
     texts: tuple[str, ...]  # the user prompt of each uid
     weights: WeightHandle
-    seed: int
-    params: dict  # kind-specific settings (plain values)
+    seed: int  # sampling seed of this batch (task_seed)
+    settings: Any = None  # RolloutSettings | trainer.critique.CritiqueConfig | trainer.feedback.FeedbackConfig
 
 
 @dataclasses.dataclass
@@ -122,16 +131,12 @@ class RolloutWorker:
                           seconds=time.perf_counter() - start, tokens=tokens)
 
     def _run_rollout(self, policy, task: Task):
-        from models.sampling import SamplingParams
-
-        p = task.params
+        settings: RolloutSettings = task.settings
         # The learner keeps the last max_prompt_tokens of each prompt; sampling must see the same context,
         # or the behaviour log-probs would not belong to the sequences PPO trains on.
-        keep = p.get("max_prompt_tokens")
+        keep = settings.max_prompt_tokens
         prompts = [policy.chat_ids(t)[-keep:] if keep else policy.chat_ids(t) for t in task.texts]
-        samples = policy.sampler.generate(
-            prompts, SamplingParams(max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
-                                    top_k=p.get("top_k", 0), top_p=p.get("top_p", 1.0)), seed=task.seed)
+        samples = policy.sampler.generate(prompts, settings.sampling, seed=task.seed)
         records = {}
         for row, uid in enumerate(task.uids):
             n = int(samples.lengths[row])
@@ -144,28 +149,17 @@ class RolloutWorker:
             }
         return records, int(samples.lengths.sum())
 
-    def _run_respond(self, policy, task: Task):
-        p = task.params
-        texts, tokens = policy.respond(list(task.texts), p["max_new_tokens"], p.get("temperature", 0.0), task.seed)
-        records = {uid: {"response": text} for uid, text in zip(task.uids, texts)}
-        return records, tokens
-
     def _run_sl(self, policy, task: Task):
         from models.sampling import SamplingParams
         from trainer.critique import CritiqueConfig, SamplerTextGenerator, run_sl_cai
         from trainer.data.records import Prompt
 
-        p = task.params
+        config: CritiqueConfig = task.settings
         generator = SamplerTextGenerator(policy.sampler, policy.tokenizer,
-                                         SamplingParams(max_new_tokens=1, temperature=p.get("temperature", 0.0),
-                                                        top_p=p.get("top_p", 1.0)), seed=task.seed)
-        budget = p["max_new_tokens"]
+                                         SamplingParams(max_new_tokens=1, temperature=config.temperature), seed=task.seed)
         # Principles and few-shot examples are drawn from (run seed, uid): the same whichever batch a uid lands in.
-        config = CritiqueConfig(rounds=p["rounds"], num_few_shot=p["few_shot"], response_tokens=budget,
-                                critique_tokens=budget, revision_tokens=budget, seed=p["seed"],
-                                revision_style=p["revision_style"])
         prompts = [Prompt(uid=u, text=t) for u, t in zip(task.uids, task.texts)]
-        records = run_sl_cai(prompts, self._constitution_obj(), generator, config)
+        records = run_sl_cai(prompts, self._constitution_obj(), generator, config, seed=self.config.run.seed)
         return {r.uid: r.to_json() for r in records}, 0
 
     def _run_label(self, policy, task: Task):
@@ -173,23 +167,21 @@ class RolloutWorker:
         from trainer.critique import SamplerTextGenerator
         from trainer.feedback import FeedbackConfig, LlamaOptionScorer, ResponsePair, label_pairs
 
-        p = task.params
-        a, tokens_a = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed,
-                                     top_p=p.get("top_p", 1.0))
-        b, tokens_b = policy.respond(list(task.texts), p["max_new_tokens"], p["temperature"], task.seed + 1,
-                                     top_p=p.get("top_p", 1.0))
+        config: FeedbackConfig = task.settings
+        a, tokens_a = policy.respond(list(task.texts), config.max_new_tokens, config.temperature, task.seed,
+                                     top_p=config.top_p)
+        b, tokens_b = policy.respond(list(task.texts), config.max_new_tokens, config.temperature, task.seed + 1,
+                                     top_p=config.top_p)
         judge = self._ensure_feedback()
         if getattr(self, "_scorer", None) is None:
             self._scorer = LlamaOptionScorer(judge.model, judge.tokenizer)
         generator = None
-        if p["chain_of_thought"]:
+        if config.chain_of_thought:
             generator = SamplerTextGenerator(judge.sampler, judge.tokenizer,
                                              SamplingParams(max_new_tokens=1, temperature=0.0), seed=task.seed)
-        config = FeedbackConfig(scoring=p["scoring"], num_principles=p["principles_per_pair"], num_few_shot=p["few_shot"],
-                                debias_order=p["debias_order"], chain_of_thought=p["chain_of_thought"],
-                                cot_clamp=tuple(p["cot_clamp"]), seed=p["seed"])
         pairs = [ResponsePair(uid, text, ra, rb) for uid, text, ra, rb in zip(task.uids, task.texts, a, b)]
-        records = label_pairs(pairs, self._constitution_obj(), self._scorer, config, generator)
+        records = label_pairs(pairs, self._constitution_obj(), self._scorer, config, generator,
+                              seed=self.config.run.seed)
         return {r.uid: r.to_json() for r in records}, tokens_a + tokens_b
 
 

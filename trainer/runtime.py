@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 # XLA:CPU in jaxlib 0.10 hands whole elementwise + reduction fusions to YNNPACK by default, and
@@ -37,7 +36,9 @@ def configure_jax() -> None:
     set_cpu_xla_flags()
     import jax
 
-    cache = Path(os.environ.get("CAIRL_CACHE") or Path.home() / ".cache" / "cairl") / "jax-compile"
+    from models.fetch import cache_root
+
+    cache = cache_root() / "jax-compile"
     cache.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec
 
 from models.errors import UserError
-from models.sharding import MeshRules
+from models.sharding import MeshRules, state_shardings  # noqa: F401  (re-exported: the trainer's states use it)
 from trainer.optim import OptimizerConfig, make_optimizer
 
 
@@ -40,35 +39,30 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
+def _new_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation, seed: int,
+               grad_accum_steps: int) -> TrainState:
+    """The one constructor of a fresh train state around `params` (traced inside `jax.jit`).
+
+    The step's RNG key is the second half of `split(PRNGKey(seed))`, the first being the one a
+    fresh model initialises its weights from, so the two never share random numbers."""
+    train_key = jax.random.split(jax.random.PRNGKey(seed))[1]
+    return TrainState(
+        params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=train_key,
+        nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx, grad_accum_steps=grad_accum_steps,
+    )
 
 
-def state_shardings(tree, mesh_rules: MeshRules):
-    """NamedSharding for every leaf of a state tree: nnx Variables with `logical_axes` metadata
-    (parameters and the optimizer moments that mirror them) by the rules, everything else replicated."""
-    replicated = NamedSharding(mesh_rules.mesh, PartitionSpec())
-
-    def sharding_of(leaf):
-        if _is_variable(leaf):
-            axes = leaf.get_metadata().get("logical_axes")
-            return replicated if axes is None else mesh_rules.param_sharding(axes)
-        return replicated
-
-    return jax.tree.map(sharding_of, tree, is_leaf=_is_variable)
+def _split_params(model: nnx.Module, what: str) -> tuple[nnx.GraphDef, nnx.State]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"{what}: the model holds non-parameter state, which training does not carry")
+    return graphdef, params
 
 
 def _init_state(model_factory, tx, seed: int, grad_accum_steps: int) -> TrainState:
-    params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-    model = model_factory(nnx.Rngs(params=params_key))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError("create_train_state: the model holds non-parameter state, which training does not carry")
-    return TrainState(
-        params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=train_key,
-        nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx,
-        grad_accum_steps=grad_accum_steps,
-    )
+    params_key = jax.random.split(jax.random.PRNGKey(seed))[0]
+    graphdef, params = _split_params(model_factory(nnx.Rngs(params=params_key)), "create_train_state")
+    return _new_state(graphdef, params, tx, seed, grad_accum_steps)
 
 
 def abstract_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimizer_config: OptimizerConfig,
@@ -106,16 +100,19 @@ def train_state_from_model(model: nnx.Module, optimizer_config: OptimizerConfig,
                            seed: int = 0) -> TrainState:
     """A train state around an existing model (e.g. pretrained weights already placed by
     `models.sharding`): the optimizer state is created on the parameters' own shardings."""
+    graphdef, params = _split_params(model, "train_state_from_model")
+    return train_state_from_params(graphdef, params, optimizer_config, mesh_rules, seed)
+
+
+def train_state_from_params(graphdef: nnx.GraphDef, params: nnx.State, optimizer_config: OptimizerConfig,
+                            mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+    """A train state around parameters already on the devices (another stage's weights, a restored
+    checkpoint), built sharded on the devices. The state holds a *copy*: its steps donate their input
+    state, and `params` may still be in use elsewhere (e.g. as the frozen reference policy)."""
     tx = make_optimizer(optimizer_config)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError("train_state_from_model: the model holds non-parameter state, which training does not carry")
-    train_key = jax.random.split(jax.random.PRNGKey(seed))[1]
 
     def init(p):
-        return TrainState(params=p, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32), rng=train_key,
-                          nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx,
-                          grad_accum_steps=optimizer_config.grad_accum_steps)
+        return _new_state(graphdef, jax.tree.map(jnp.copy, p), tx, seed, optimizer_config.grad_accum_steps)
 
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), mesh_rules))(params)
 
@@ -144,11 +141,12 @@ def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[
         opt_state=opt_state,
         nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
     )
-    return new_state, {"grad_norm": grad_norm, "skipped_update": (~ok).astype(jnp.float32)}
+    return new_state, {"grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
 
 
 class NonFiniteGuard:
-    """Host-side stop rule: raise after `max_in_a_row` consecutive skipped updates.
+    """Host-side stop rule: raise after `max_in_a_row` consecutive skipped updates (the stage loops
+    of trainer/stages/ check every update's metrics, saving a checkpoint before they stop the run).
 
         guard = NonFiniteGuard(max_in_a_row=5)
         state, metrics = step(state, batch)
@@ -165,6 +163,7 @@ class NonFiniteGuard:
         if streak >= self.max_in_a_row:
             raise TrainingDivergedError(
                 f"training stopped: {streak} consecutive updates had a non-finite loss or gradient "
-                f"(limit {self.max_in_a_row}); parameters were left at the last good update. Lower the "
-                f"learning rate, check the data for empty or corrupt batches, or resume from an earlier checkpoint."
+                f"(limit {self.max_in_a_row}, run.max_nonfinite_updates); parameters were left at the last good "
+                f"update and saved. Lower the learning rate or check the data for empty or corrupt batches, then "
+                f"resume the run."
             )

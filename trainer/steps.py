@@ -123,7 +123,7 @@ def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
 def make_sft_step(state: TrainState, mesh_rules: MeshRules):
     """Jitted `(state, batch) -> (state, metrics)` for supervised fine-tuning (masked token NLL).
 
-    Metrics: loss, nll, tokens, grad_norm, skipped_update, nonfinite_streak, step.
+    Metrics: loss, nll, tokens, grad_norm, skipped (1 if the update was not applied), nonfinite_streak, step.
     """
     accum = state.grad_accum_steps
 
@@ -153,25 +153,32 @@ def rm_loss(params, state: TrainState, batch: Batch, totals: dict):
     model = state.model(params)
     chosen_B = sequence_scores(model, batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"])
     rejected_B = sequence_scores(model, batch["rejected_tokens_BxT"], batch["rejected_mask_BxT"])
-    loss_B, accuracy_B = losses.bradley_terry_loss(chosen_B, rejected_B, batch["p_chosen_B"])
+    loss_B = losses.bradley_terry_loss(chosen_B, rejected_B, batch["p_chosen_B"])
+    agree_B, decided_B = losses.preference_agreement(chosen_B, rejected_B, batch["p_chosen_B"])
     n = totals["pairs"]
     loss = jnp.sum(loss_B) / n
-    return loss, {"bt_loss": loss, "accuracy": jnp.sum(accuracy_B) / n,
+    return loss, {"bt_loss": loss, "accuracy": losses.masked_mean(agree_B, decided_B, totals["decided"]),
                   "score_margin": jnp.sum(chosen_B - rejected_B) / n}
+
+
+def _rm_totals(batch: Batch) -> dict:
+    """Whole-batch counts the RM loss normalises by (so micro-batch sums are whole-batch means)."""
+    p_B = batch["p_chosen_B"]
+    return {"pairs": jnp.asarray(p_B.shape[0], jnp.float32), "decided": jnp.sum((p_B != 0.5).astype(jnp.float32))}
 
 
 def make_rm_step(state: TrainState, mesh_rules: MeshRules):
     """Jitted `(state, batch) -> (state, metrics)` for the preference model (Bradley–Terry, soft labels).
 
     `state` holds a `models.llama.ScalarModel`. Metrics: loss, bt_loss, accuracy, score_margin,
-    grad_norm, skipped_update, nonfinite_streak, step.
+    grad_norm, skipped, nonfinite_streak, step.
     """
     accum = state.grad_accum_steps
 
     def step(state: TrainState, batch: Batch):
         batch = constrain_batch(batch, mesh_rules)
         check_accumulation(mesh_rules, batch["p_chosen_B"].shape[0], accum, "RM batch size")
-        totals = {"pairs": jnp.asarray(batch["p_chosen_B"].shape[0], jnp.float32)}
+        totals = _rm_totals(batch)
         loss_fn = lambda p, b, t: rm_loss(p, state, b, t)  # noqa: E731
         loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
         state, update_stats = apply_update(state, grads, loss)
@@ -181,13 +188,30 @@ def make_rm_step(state: TrainState, mesh_rules: MeshRules):
 
 
 def make_rm_eval(state: TrainState, mesh_rules: MeshRules):
-    """Jitted `(state, batch) -> metrics` (loss, accuracy, margin) without updating: held-out evaluation."""
+    """Jitted `(state, batch) -> sums` for held-out evaluation without updating; the batch may carry
+    `valid_B` (0 on padding rows). Sums over batches combine with `rm_eval_metrics`."""
 
     def evaluate(state: TrainState, batch: Batch):
         batch = constrain_batch(batch, mesh_rules)
-        totals = {"pairs": jnp.asarray(batch["p_chosen_B"].shape[0], jnp.float32)}
-        loss, aux = rm_loss(state.params, state, batch, totals)
-        return {"loss": loss, **aux}
+        model = state.model()
+        chosen_B = sequence_scores(model, batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"])
+        rejected_B = sequence_scores(model, batch["rejected_tokens_BxT"], batch["rejected_mask_BxT"])
+        valid_B = batch.get("valid_B", jnp.ones_like(batch["p_chosen_B"])).astype(jnp.float32)
+        agree_B, decided_B = losses.preference_agreement(chosen_B, rejected_B, batch["p_chosen_B"])
+        return {"pairs": jnp.sum(valid_B), "decided": jnp.sum(decided_B * valid_B),
+                "agree": jnp.sum(agree_B * decided_B * valid_B),
+                "bt_loss": jnp.sum(losses.bradley_terry_loss(chosen_B, rejected_B, batch["p_chosen_B"]) * valid_B),
+                "score_margin": jnp.sum((chosen_B - rejected_B) * valid_B)}
 
     return jax.jit(evaluate, in_shardings=(state_shardings(state, mesh_rules), batch_sharding(mesh_rules)),
                    out_shardings=replicated(mesh_rules))
+
+
+def rm_eval_metrics(sums: list[dict]) -> dict:
+    """Held-out metrics from `make_rm_eval` sums: accuracy over decided pairs (NaN if none: no pair
+    has a right side), mean Bradley–Terry loss and mean score margin r_a − r_b over every pair."""
+    total = {k: float(sum(float(s[k]) for s in sums)) for k in sums[0]}
+    pairs = max(total["pairs"], 1.0)
+    return {"accuracy": total["agree"] / total["decided"] if total["decided"] else float("nan"),
+            "bt_loss": total["bt_loss"] / pairs, "score_margin": total["score_margin"] / pairs,
+            "pairs": int(total["pairs"])}

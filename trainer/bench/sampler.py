@@ -142,7 +142,7 @@ def measure(sampler, prompts, params, runs: int = 3, seed: int = 0) -> dict:
 def run(args) -> dict:
     import jax
 
-    from models.sampler import Sampler
+    from models.generation import Sampler
     from models.sampling import SamplingParams
 
     for name in ("batch", "prompt_len", "new_tokens"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from models.sampler import Sampler, SamplingParams
+from models.generation import Sampler, SamplingParams
 from models.sources import load
 
 log = logging.getLogger(__name__)

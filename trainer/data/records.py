@@ -11,13 +11,13 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from models.errors import UserError
 
 ASSISTANT_TURN = "\n\nAssistant:"
-HUMAN_TURN = "\n\nHuman:"
 
 
 class PromptFileError(UserError, ValueError):
@@ -120,11 +120,17 @@ def split_hh_dialogue(dialogue: str) -> tuple[str, str]:
     return dialogue[:end], dialogue[end:].strip()
 
 
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def transcript_turns(transcript: str) -> tuple[str, list[tuple[str, str]]]:
+    """The one parser of 'Human: ...\\n\\nAssistant: ...' transcripts (hh-rlhf): the text before the first
+    turn, and each turn as (speaker 'Human' | 'Assistant', its text), both stripped."""
+    pieces = _TURN.split(transcript.strip())
+    return pieces[0].strip(), [(speaker, body.strip()) for speaker, body in zip(pieces[1::2], pieces[2::2])]
+
+
 def first_human_turn(transcript: str) -> str:
-    """The first Human turn of a '\\n\\nHuman: ...\\n\\nAssistant: ...' transcript (the red-team prompt)."""
-    text = transcript
-    start = text.find("Human:")
-    if start >= 0:
-        text = text[start + len("Human:"):]
-    end = text.find(ASSISTANT_TURN)
-    return (text if end < 0 else text[:end]).strip()
+    """The first Human turn of a transcript (the red-team prompt); a text with no turns is returned whole."""
+    preamble, turns = transcript_turns(transcript)
+    return next((body for speaker, body in turns if speaker == "Human"), preamble)

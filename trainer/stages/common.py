@@ -15,15 +15,16 @@ def progress(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, params: dict,
+def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, settings,
                      weights: WeightHandle, make_record=None, desc: str | None = None):
-    """Run every pending uid of `ledger` through the workers as `kind` tasks at `weights`; each
-    record (plus the prompt text and constitution hash) is completed in the ledger."""
+    """Run every pending uid of `ledger` through the workers as `kind` tasks with `settings` (the kind's
+    typed config, see trainer.rollout.Task) at `weights`; each record (plus the prompt text and
+    constitution hash) is completed in the ledger."""
     import ray
 
     def make_task(uids):
         return Task(kind=kind, uids=tuple(uids), texts=tuple(prompts[u].text for u in uids), weights=weights,
-                    seed=task_seed(ctx.config.run.seed, stage, uids, weights.version), params=params)
+                    seed=task_seed(ctx.config.run.seed, stage, uids, weights.version), settings=settings)
 
     def on_record(uid, record, result):
         record = dict(record)
@@ -43,17 +44,36 @@ def dispatch_prompts(ctx, stage: str, ledger: Ledger, prompts: dict, kind: str, 
         del ray
 
 
+def stop_if_diverged(ctx, guard, step: int, metrics: dict, extras: dict) -> None:
+    """After `guard.max_in_a_row` updates in a row were skipped as non-finite: save the stage's state
+    at `step` (a resume continues from there, e.g. with a lower learning rate) and stop the run with
+    TrainingDivergedError. Nothing after it (later stages, export) runs on diverged weights."""
+    import ray
+
+    from trainer.state import TrainingDivergedError
+
+    try:
+        guard.check(metrics)
+    except TrainingDivergedError:
+        ray.get(ctx.learner.save.remote(step, extras, True))
+        raise
+
+
 def learner_loop(ctx, stage: str, total_steps: int, start_step: int, every: int, extras=None) -> list[dict]:
     """Run `learner.train_step` from `start_step` to `total_steps`, logging metrics and checkpointing."""
     import ray
 
+    from trainer.state import NonFiniteGuard
+
     learner = ctx.learner
+    guard = NonFiniteGuard(ctx.config.run.max_nonfinite_updates)
     logged = []
     bar = progress(total_steps, f"{stage} train", initial=start_step)
     try:
         for step in range(start_step, total_steps):
             metrics = ray.get(learner.train_step.remote())
             ctx.metrics.write(stage, step + 1, metrics)
+            stop_if_diverged(ctx, guard, step + 1, metrics, extras or {})
             logged.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")

@@ -58,9 +58,5 @@ def run_label(ctx) -> None:
     weights = label_weights(ctx)
     prompts = {p.uid: p for p in ctx.prompts["label"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / "labels.jsonl", list(prompts))
-    params = {"max_new_tokens": cfg.label.max_new_tokens, "temperature": cfg.label.temperature,
-              "top_p": cfg.label.top_p, "scoring": cfg.label.scoring, "principles_per_pair": cfg.label.principles_per_pair,
-              "chain_of_thought": cfg.label.chain_of_thought, "cot_clamp": list(cfg.label.cot_clamp),
-              "few_shot": cfg.label.few_shot, "debias_order": cfg.label.debias_order, "seed": cfg.run.seed}
-    stats = dispatch_prompts(ctx, "label", ledger, prompts, "label", params, weights, desc="label pairs")
+    stats = dispatch_prompts(ctx, "label", ledger, prompts, "label", cfg.label, weights, desc="label pairs")
     ctx.stages.update("label", worker_deaths=stats.worker_deaths, pairs=len(ledger.done))

@@ -14,13 +14,18 @@ import time
 
 import numpy as np
 
+from trainer.learners.requests import Rollout
+from models.sampling import SamplingParams
 from trainer.ledger import Ledger, read_records, truncate_records
-from trainer.stages.common import dispatch_prompts, progress
+from trainer.rollout import RolloutSettings
+from trainer.stages.common import dispatch_prompts, progress, stop_if_diverged
+from trainer.state import NonFiniteGuard
 from trainer.stages.label import label_weights
 from trainer.weights import WeightHandle
 
 LOGGED = ("reward_mean", "reward_std", "kl", "beta", "entropy", "clip_fraction", "approx_kl", "value_loss",
-          "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds")
+          "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds", "epochs_run",
+          "skipped", "policy_skipped", "value_skipped", "nonfinite_streak")
 
 
 def iteration_prompts(prompts: list, iteration: int, batch_size: int) -> list:
@@ -35,9 +40,9 @@ def evaluate(ctx, tag: str, weights: WeightHandle) -> dict:
     cfg = ctx.config
     prompts = {p.uid: p for p in ctx.prompts["eval"]}
     ledger = Ledger.open(ctx.run_dir / "samples" / f"eval_{tag}.jsonl", list(prompts))
-    params = {"max_new_tokens": cfg.ppo.eval_max_new_tokens, "temperature": 0.0,
-              "max_prompt_tokens": cfg.data.max_prompt_tokens}
-    dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", params, weights, desc=f"eval {tag}")
+    greedy = RolloutSettings(SamplingParams(max_new_tokens=cfg.ppo.eval_max_new_tokens, temperature=0.0),
+                             cfg.data.max_prompt_tokens)
+    dispatch_prompts(ctx, "eval", ledger, prompts, "rollout", greedy, weights, desc=f"eval {tag}")
     records = ledger.records()
     scores = ray.get(ctx.learner.score.remote([r["prompt_ids"] for r in records],
                                               [r["response_ids"] for r in records]))
@@ -50,8 +55,8 @@ def run_ppo(ctx) -> None:
 
     cfg, learner = ctx.config, ctx.learner
     setup = ray.get(learner.setup.remote("ppo"))
-    done_iterations = int(setup["extras"].get("iteration", 0))
-    extras = dict(setup["extras"])
+    done_iterations = int(setup.extras.get("iteration", 0))
+    extras = dict(setup.extras)
     base = 1 if ctx.stages.done("sl") else 0
     ctx.metrics.truncate("ppo", done_iterations)
     rollouts_path = ctx.run_dir / "samples" / "rollouts.jsonl"
@@ -63,9 +68,9 @@ def run_ppo(ctx) -> None:
         extras["eval_before"] = evaluate(ctx, "before", weights)
         ctx.stages.update("ppo", pm_reward_before=extras["eval_before"]["pm_reward_mean"])
 
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_updates)
     prompts = ctx.prompts["ppo"]
-    sampling = {"max_new_tokens": cfg.ppo.max_new_tokens, "temperature": cfg.ppo.temperature,
-                "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p, "max_prompt_tokens": cfg.data.max_prompt_tokens}
+    sampling = RolloutSettings(cfg.ppo.sampling(), cfg.data.max_prompt_tokens)
     bar = progress(cfg.ppo.iterations, "ppo", initial=done_iterations)
     try:
         for it in range(done_iterations, cfg.ppo.iterations):
@@ -80,8 +85,8 @@ def run_ppo(ctx) -> None:
                              desc=f"ppo rollouts {it + 1}")
             rollout_seconds = time.perf_counter() - t0
             records = {r["uid"]: r for r in read_records(rollouts_path) if r["uid"] in by_uid}
-            rollouts = [records[u] for u in by_uid]
-            metrics = ray.get(learner.ppo_step.remote(rollouts))
+            rollouts = [Rollout.from_record(records[u]) for u in by_uid]
+            metrics = ray.get(learner.train_step.remote(rollouts))
             t1 = time.perf_counter()
             version += 1
             weights = ray.get(learner.publish.remote(version))
@@ -95,6 +100,7 @@ def run_ppo(ctx) -> None:
             bar.update(1)
             bar.set_postfix(reward=f"{logged['reward_mean']:.3f}", kl=f"{logged.get('kl', 0.0):.3f}")
             extras.update(iteration=it + 1, version=version, data_position=(it + 1) * cfg.ppo.batch_size)
+            stop_if_diverged(ctx, guard, it + 1, metrics, extras)
             if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
                 ray.get(learner.save.remote(it + 1, extras))
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+from trainer.learners.requests import PreferenceData, PreferencePair
 from trainer.ledger import read_records
 from trainer.stages.common import learner_loop
 
@@ -29,16 +30,17 @@ def run_rm(ctx) -> None:
     if len(labels) < 2:
         raise RuntimeError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)}; run the label stage")
     train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
-    start = ray.get(ctx.learner.setup.remote("rm"))["step"]
-    ray.get(ctx.learner.set_rm_data.remote(train, heldout))
+    start = ray.get(ctx.learner.setup.remote("rm")).step
+    ray.get(ctx.learner.set_data.remote(PreferenceData(train=tuple(map(PreferencePair.from_record, train)),
+                                                       heldout=tuple(map(PreferencePair.from_record, heldout)))))
     if start == 0:
-        before = ray.get(ctx.learner.rm_eval.remote())
+        before = ray.get(ctx.learner.evaluate.remote())
         ctx.metrics.write("rm_eval", 0, before)
         ctx.stages.update("rm", heldout_accuracy_before=before["accuracy"])
     learner_loop(ctx, "rm", cfg.rm.steps, start, cfg.checkpoint.every_steps)
-    after = ray.get(ctx.learner.rm_eval.remote())
+    after = ray.get(ctx.learner.evaluate.remote())
     ctx.metrics.write("rm_eval", cfg.rm.steps, after)
     ctx.stages.update("rm", heldout_accuracy=after["accuracy"], heldout_bt_loss=after["bt_loss"],
                       train_pairs=len(train), heldout_pairs=len(heldout))
-    ray.get(ctx.learner.save_final_params.remote())  # what later stages load: parameters only
+    ray.get(ctx.learner.finish.remote())  # the preference model stays on the learner's devices for PPO
     ray.get(ctx.learner.close.remote())

@@ -1,4 +1,5 @@
-"""KV-cache sampler: prefill and the whole decode loop as one compiled XLA program.
+"""Generation with a KV cache (the `Sampler`): prefill and the whole decode loop as one compiled XLA
+program. The per-step token choice (temperature, top-k, top-p, log-probs) is models/sampling.py.
 
 `Sampler.generate` left-pads the prompts into a (batch, prompt-length, new-tokens) shape bucket and
 runs one jitted program: it allocates the KV cache, prefills it with the prompts, then a
