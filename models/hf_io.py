@@ -283,7 +283,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise HFModelError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise HFModelError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        files = {name: safetensors_io.contained_file(directory, file, index) for name, file in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise HFModelError(f"{index} names the shard {path.name}, which is not in {directory}")

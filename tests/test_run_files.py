@@ -134,3 +134,25 @@ for call in (lambda: write_atomic(Path({str(target)!r}), "x" * 10000),
     assert issubclass(DiskFullError, UserError)  # the CLI's exit 2 with the message, no traceback
     append_line(tmp_path / "r.jsonl", "ok\n")
     assert (tmp_path / "r.jsonl").read_text() == "ok\n"
+
+
+def test_resume_compares_the_whole_resolved_config_and_the_constitution(tmp_path):
+    from trainer.config import load_run_config
+    from trainer.pipeline import RunDirError, prepare_run_dir
+
+    base = [f"run.runs_dir={tmp_path}", "run.name=r"]
+    run_dir = prepare_run_dir(load_run_config(None, base), resume=False, constitution_hash="a" * 64)
+    # Stage lengths, the stages to run and how the run executes may change.
+    grown = load_run_config(None, [*base, "ppo.iterations=20", "run.stages=[sl,label]", "ray.num_cpus=4",
+                                   "rollout.num_workers=3", "checkpoint.every_steps=7"])
+    assert prepare_run_dir(grown, resume=True, constitution_hash="a" * 64) == run_dir
+    # An optimizer setting or the prompt split may not: every changed key is named, nothing is rewritten.
+    saved = (run_dir / "config.yaml").read_text()
+    edited = load_run_config(None, [*base, "ppo.policy_optimizer.max_grad_norm=null", "data.sl_prompts=3"])
+    with pytest.raises(RunDirError) as err:
+        prepare_run_dir(edited, resume=True, constitution_hash="a" * 64)
+    assert "ppo.policy_optimizer.max_grad_norm: 1.0 → None" in str(err.value)
+    assert "data.sl_prompts: 16 → 3" in str(err.value) and "ppo.iterations" in str(err.value)
+    assert (run_dir / "config.yaml").read_text() == saved
+    with pytest.raises(RunDirError, match="another constitution text"):
+        prepare_run_dir(grown, resume=True, constitution_hash="b" * 64)

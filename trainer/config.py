@@ -175,8 +175,10 @@ class RunSection:
     export: bool = True  # write hf/ with the final policy
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
-            raise RunConfigError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or set(self.name) == {"."}:
+            # '.' and '..' would make the run directory runs_dir itself or its parent.
+            raise RunConfigError(f"run.name {self.name!r}: expected a plain directory name of letters, digits, '.', "
+                                 f"'_' and '-' (not '.' or '..')")
         order = [STAGES.index(s) for s in self.stages]
         if not self.stages or order != sorted(set(order)):
             raise RunConfigError(f"run.stages must be a non-empty subset of {list(STAGES)} in that order, "

@@ -13,6 +13,7 @@ ledger (completed prompt uids) and its newest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from models.errors import UserError
 from trainer import configlib
 from trainer.config import RunConfig, redacted, to_yaml
+from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
 
 log = logging.getLogger(__name__)
@@ -68,26 +70,58 @@ def validate(config: RunConfig) -> Validated:
     return Validated(constitution=constitution, constitution_hash=constitution.hash)
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Create or reopen the run directory; a reopened one must have been made by the same config
-    apart from run.stages and the stage lengths (which may grow on resume)."""
+# Settings a resumed run may change: which stages run, the stage lengths, and how the run executes (cluster,
+# workers, timeouts, checkpoint cadence, where files live, the learner mesh: checkpoints restore onto
+# another mesh). Any other change would mix two experiments in one run directory. A key ending in "." is a
+# whole section.
+RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
+                     "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
+                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.", "learner.")
+RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
+
+
+def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = "") -> Path:
+    """Create or reopen the run directory; a reopened one must have been made by the same resolved config
+    (apart from RESUMABLE_CHANGES) and the same constitution text."""
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if saved.exists():
-        previous = _saved_config(saved)
-        current = redacted(configlib.to_dict(config))
-        for section in ("model", "constitution", "data"):
-            if _normalise(previous.get(section)) != _normalise(current.get(section)):
-                raise RunDirError(
-                    f"{run_dir} was started with a different '{section}' section (see {saved}); resume it with "
-                    f"the same config, or choose another run.name")
+        changed = config_changes(_saved_config(saved), redacted(configlib.to_dict(config)))
+        if changed:
+            raise RunDirError(
+                f"{run_dir} was started with other settings (see {saved}): {'; '.join(changed)}. Only "
+                f"{', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_CHANGES)} may change on resume; "
+                f"resume with the saved settings (cairl train --resume {run_dir}), or choose another run.name")
+        _check_constitution(run_dir, constitution_hash)
         log.info("resuming %s", run_dir)
     elif resume:
         raise RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    saved.write_text(to_yaml(config), encoding="utf-8")
+    write_atomic(saved, to_yaml(config))
+    if constitution_hash:
+        write_atomic(run_dir / RUN_FILE, json.dumps({"constitution_hash": constitution_hash}) + "\n")
     return run_dir
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+    """'key: old → new' for every resolved setting that differs and may not change on resume."""
+    old, new = _flatten(_normalise(previous)), _flatten(_normalise(current))
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key) and not any(
+                key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            out.append(f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}")
+    return out
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
 
 
 def _saved_config(path: Path) -> dict:
@@ -102,9 +136,19 @@ def _saved_config(path: Path) -> dict:
 
 
 def _normalise(value):
-    import json
-
     return json.loads(json.dumps(value, default=str))
+
+
+def _check_constitution(run_dir: Path, constitution_hash: str) -> None:
+    path = run_dir / RUN_FILE
+    if not constitution_hash or not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8")).get("constitution_hash")
+    if before and before != constitution_hash:
+        raise RunDirError(
+            f"{run_dir} was started with another constitution text (hash {before[:12]}…, now {constitution_hash[:12]}…): "
+            f"its samples and labels were made with the old principles. Restore the constitution file, or choose "
+            f"another run.name")
 
 
 def start_ray(config: RunConfig):
@@ -191,7 +235,7 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir."""
     validated = validate(config)
-    run_dir = prepare_run_dir(config, resume)
+    run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
     from trainer import stages as stage_fns
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
