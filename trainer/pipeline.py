@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,10 @@ def validate(config: RunConfig) -> Validated:
                                       f"{', '.join('default:' + n for n in DEFAULT_SETS)}")
         elif spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).exists():
             read_prompt_file(spec)  # raises with the file and line of the first bad record
+    if config.ray.address:
+        from trainer.ray_auth import require_join_token
+
+        require_join_token(config.ray.address)
     source = config.model.source
     for name in (source, config.model.feedback_source):
         if name and name not in fetch.EMBEDDED and not Path(name).expanduser().exists():
@@ -152,15 +157,23 @@ def _check_constitution(run_dir: Path, constitution_hash: str) -> None:
 
 
 def start_ray(config: RunConfig):
-    """A local Ray cluster on 127.0.0.1 without dashboard (token auth left on), or join `ray.address`."""
+    """A local Ray cluster on 127.0.0.1 without dashboard, authenticated by a private per-run token, or join
+    `ray.address` (token required)."""
+    from trainer.ray_auth import private_token, require_join_token
+
     if not config.ray.address and config.ray.host in ("127.0.0.1", "localhost"):
         # Ray otherwise swaps a loopback _node_ip_address for the machine's routable address; with
         # clustering off it keeps every service on the loopback interface. Read when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
+    # Before ray is imported: Ray reads its auth settings from the environment once per process.
+    if config.ray.address:
+        require_join_token(config.ray.address)
+    else:
+        private_token()
     import ray
 
-    if ray.is_initialized():
-        return ray
     if config.ray.address:
         ray.init(address=config.ray.address, log_to_driver=True)
         return ray
