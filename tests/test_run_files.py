@@ -156,3 +156,38 @@ def test_resume_compares_the_whole_resolved_config_and_the_constitution(tmp_path
     assert (run_dir / "config.yaml").read_text() == saved
     with pytest.raises(RunDirError, match="another constitution text"):
         prepare_run_dir(grown, resume=True, constitution_hash="b" * 64)
+
+
+CHECKPOINT_RUN = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.durable import DiskFullError
+step = int(sys.argv[1])
+noise = np.random.default_rng(step).standard_normal((64, 64), dtype=np.float32)  # incompressible: 16 KB on disk
+state = {{"w": jnp.asarray(noise), "step": jnp.int32(step)}}
+ckpt = Checkpointer({directory!r}, CheckpointConfig(every_steps=1, keep=3, async_save={async_save}))
+restored = ckpt.restore(state)
+print("RESTORED", None if restored is None else restored[1])
+try:
+    ckpt.save(step, state, {{"step": step}})
+    ckpt.close()
+    print("SAVED", step)
+except DiskFullError as err:
+    print("DISK FULL", err)
+"""
+
+
+@pytest.mark.parametrize("async_save", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_resume_works(tmp_path, async_save):
+    code = CHECKPOINT_RUN.format(directory=str(tmp_path / "ckpt"), async_save=async_save)
+    first = _limited(resource.RLIM_INFINITY, code.replace("sys.argv[1]", "1"))
+    assert "SAVED 1" in first.stdout, first.stderr[-3000:]
+    full = _limited(8000, code.replace("sys.argv[1]", "2"))  # the 16 KB array no longer fits
+    assert "RESTORED {'step': 1}" in full.stdout and "DISK FULL" in full.stdout, (full.stdout, full.stderr[-3000:])
+    assert "checkpoint step 2" in full.stdout and "newest intact step: 1" in full.stdout and "--resume" in full.stdout
+    assert "Traceback" not in full.stdout
+    again = _limited(resource.RLIM_INFINITY, code.replace("sys.argv[1]", "2"))  # space freed: resume
+    assert "RESTORED {'step': 1}" in again.stdout and "SAVED 2" in again.stdout, again.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]

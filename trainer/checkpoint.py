@@ -22,6 +22,7 @@ abstract state carries the target shardings, and the restored arrays are checked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -32,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from models.errors import UserError
+from trainer.durable import raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +88,32 @@ class Checkpointer:
         if step == self._last_saved or step in self._manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras or {}))
-        started = self._manager.save(step, args=args, force=True)
+        with self._disk_full_is_clear(f"checkpoint step {step}"):
+            started = self._manager.save(step, args=args, force=True)
         if started:
             self._last_saved = step
         return started
 
     def wait(self) -> None:
         """Block until every started save is committed."""
-        self._manager.wait_until_finished()
+        with self._disk_full_is_clear(f"checkpoint step {self._last_saved}"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release Orbax's background threads."""
-        self._manager.close()
+        with self._disk_full_is_clear(f"checkpoint step {self._last_saved}"):
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self, what: str):
+        """A save the disk refuses is a DiskFullError: the committed steps before it are intact (Orbax commits a
+        step by renaming its temporary directory, and the next start clears the leftover)."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - only a full disk is translated; anything else re-raised as is
+            kept = [s for s in self._manager.all_steps() if s != self._last_saved]
+            raise_if_disk_full(err, f"{what} in {self.directory} (newest intact step: {max(kept, default=None)})")
+            raise
 
     def __enter__(self) -> "Checkpointer":
         return self

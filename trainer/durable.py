@@ -26,9 +26,11 @@ def raise_if_disk_full(err: BaseException, what: str) -> None:
     """Re-raise `err` as a DiskFullError naming `what` when it (or its cause) is ENOSPC, EFBIG or EDQUOT."""
     seen = err
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _FULL:
+        # Orbax and TensorStore report the errno only in their message.
+        if (isinstance(seen, OSError) and seen.errno in _FULL) or any(os.strerror(e) in str(seen) for e in _FULL):
+            reason = next((os.strerror(e) for e in _FULL if os.strerror(e) in str(seen)), "disk full")
             raise DiskFullError(
-                f"no space left writing {what} ({os.strerror(seen.errno)}); earlier state is intact — free disk "
+                f"no space left writing {what} ({reason}); earlier state is intact — free disk "
                 f"space (or raise the quota) and resume the run with `cairl train --resume RUN_DIR`") from None
         seen = seen.__cause__ or seen.__context__
 
