@@ -302,6 +302,21 @@ def weight_files(directory: Path) -> dict[str, Path]:
     raise HFModelError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}; expected safetensors weights")
 
 
+def check_weight_headers(directory: Path, config: ModelConfig) -> None:
+    """Every weight `config` needs is in the safetensors headers with its shape, and every file is as long as
+    its header says (a cut-off download fails here), without reading any tensor data."""
+    headers: dict[str, dict] = {}
+    for path in sorted(set(weight_files(directory).values())):
+        headers.update(safetensors_io.read_header(path))
+    for name, path in hf_names(config).items():
+        if name not in headers:
+            raise HFModelError(f"{directory}: weight {name} is missing; the checkpoint does not match its config.json "
+                               f"({config.num_layers} layers, tie_word_embeddings={config.tie_embeddings})")
+        if tuple(headers[name]["shape"]) != _hf_shape(path, config):
+            raise HFModelError(f"{directory}: weight {name} has shape {tuple(headers[name]['shape'])}, config.json "
+                               f"implies {_hf_shape(path, config)}")
+
+
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of a HF directory's safetensors file(s), by HF name."""
     by_file: dict[Path, list[str]] = {}

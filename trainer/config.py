@@ -57,7 +57,8 @@ class DataSection:
     label_prompts: int = 16  # prompts for AI-feedback pairs
     ppo_prompts: int = 16  # prompts PPO cycles over
     eval_count: int = 8  # held-out prompts for evaluation
-    max_prompt_tokens: int = 96  # chat-rendered prompt tokens kept (longer prompts keep their end)
+    max_prompt_tokens: int = 96  # chat-rendered prompt tokens a prompt may have, in every stage
+    long_prompts: Literal["truncate", "reject"] = "truncate"  # a longer prompt: keep its end, or refuse the run
 
     def __post_init__(self):
         if not self.prompts or not self.eval_prompts:

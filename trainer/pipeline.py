@@ -40,14 +40,16 @@ class Validated:
 
     constitution: object
     constitution_hash: str
+    tokenizer: object  # the policy's, for the prompt-length rule
 
 
 def validate(config: RunConfig) -> Validated:
-    """Check every input file without starting Ray or a JAX backend: constitution, prompt files, model."""
-    from models import fetch
+    """Check every input file without starting Ray or a JAX backend: constitution, prompt files, model
+    sources (opened: config, tokenizer, tensor headers)."""
     from trainer.constitution import load_constitution
     from trainer.data.load import DEFAULT_SETS
     from trainer.data.records import PromptFileError, read_prompt_file
+    from trainer.preflight import check_model_source
 
     constitution = load_constitution(config.constitution)
     if not constitution.critique_principles and "sl" in config.run.stages:
@@ -67,12 +69,10 @@ def validate(config: RunConfig) -> Validated:
         from trainer.ray_auth import require_join_token
 
         require_join_token(config.ray.address)
-    source = config.model.source
-    for name in (source, config.model.feedback_source):
-        if name and name not in fetch.EMBEDDED and not Path(name).expanduser().exists():
-            raise UserError(f"model.source {name!r}: no such file or directory, and not a registry name "
-                            f"({', '.join(sorted(fetch.EMBEDDED))})")
-    return Validated(constitution=constitution, constitution_hash=constitution.hash)
+    tokenizer = check_model_source(config.model.source, "model.source")
+    if config.model.feedback_source:
+        check_model_source(config.model.feedback_source, "model.feedback_source")
+    return Validated(constitution=constitution, constitution_hash=constitution.hash, tokenizer=tokenizer)
 
 
 # Settings a resumed run may change: which stages run, the stage lengths, and how the run executes (cluster,
@@ -209,14 +209,22 @@ def _interleave(sets: list[list]) -> list:
     return out
 
 
-def load_prompts(config: RunConfig) -> dict:
-    """Train prompts split into disjoint sl / label / ppo slices (wrapping when there are too few) and eval."""
+def load_prompts(config: RunConfig, tokenizer=None) -> dict:
+    """Train prompts split into disjoint sl / label / ppo slices (wrapping when there are too few) and eval,
+    each fitted to data.max_prompt_tokens by the data.long_prompts rule when `tokenizer` is given."""
     from trainer.data.load import load_prompt_set
+    from trainer.preflight import fit_prompts
 
     data_dir = config.data.data_dir or str(Path(os.environ.get("CAIRL_CACHE") or Path.home() / ".cache" / "cairl")
                                            / "tfds")
-    train = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.prompts])
-    held = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.eval_prompts])
+
+    def load(specs):
+        prompts = _interleave([load_prompt_set(spec, data_dir) for spec in specs])
+        if tokenizer is None:
+            return prompts
+        return fit_prompts(prompts, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
+
+    train, held = load(config.data.prompts), load(config.data.eval_prompts)
     train_uids = {p.uid for p in train}
     held = [p for p in held if p.uid not in train_uids][: config.data.eval_count]
     counts = {"sl": config.data.sl_prompts, "label": config.data.label_prompts, "ppo": config.data.ppo_prompts}
@@ -248,12 +256,12 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir."""
     validated = validate(config)
+    prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
     run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
     from trainer import stages as stage_fns
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
 
-    prompts = load_prompts(config)
     ray = start_ray(config)
     learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
