@@ -4,8 +4,9 @@ Templates are Jinja2 programs shipped with models (tokenizer_config.json, GGUF m
 untrusted, so they run in Jinja's immutable sandbox, bounded in time and size: a render stops with a
 ChatTemplateError after RENDER_SECONDS or MAX_RENDER_CHARS of output. The clock is checked at every
 output chunk, function call (`range` included), attribute and item access and arithmetic operator, which
-is everything a template loop can do; `*`, `+` and `**` are refused before they build an oversized value. The environment mirrors the one `transformers`
-gives `apply_chat_template`, so a model renders byte-for-byte the same text here and there:
+is everything a template loop can do; `*`, `+` and `**` are refused before they build an oversized value.
+The environment mirrors the one `transformers` gives `apply_chat_template`, so a model renders
+byte-for-byte the same text here and there:
 
 - `trim_blocks` and `lstrip_blocks` on, `loopcontrols` (`{% break %}`, `{% continue %}`) enabled;
 - `{% generation %}...{% endgeneration %}` accepted (it marks assistant text for loss masks in

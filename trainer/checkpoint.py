@@ -16,8 +16,9 @@ Restoring tells a changed layout from corruption. Before reading arrays, the ste
 shapes, dtypes from Orbax's metadata) is compared with the abstract state: a difference means the run's
 config now builds another state (an optimizer setting, the model, LoRA) and is a CheckpointLayoutError
 naming the differing arrays, with nothing renamed or deleted. Only a step whose metadata or arrays cannot
-be read is renamed to `corrupt-<step>-<time>` (never deleted) with a warning, and the next older one tried. Restoring onto another mesh works: the
-abstract state carries the target shardings, and the restored arrays are checked against them.
+be read is renamed to `corrupt-<step>-<time>` (never deleted) with a warning, and the next older one tried.
+Restoring onto another mesh works: the abstract state carries the target shardings, and the restored
+arrays are checked against them.
 """
 
 from __future__ import annotations

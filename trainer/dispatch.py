@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from models.errors import UserError
+from trainer import signals
 from trainer.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class WorkerPool:
         idle = set(self._alive())
         starting = {w: self._probe(w) for w in idle}  # worker -> readiness probe; no task until it answers
         while not ledger.finished:
+            signals.check(f"while dispatching {ledger.path.name}")  # completed uids are durable: nothing to save
             self._collect_probes(starting)
             idle -= self.retired
             for w in sorted(idle):

@@ -81,7 +81,7 @@ def validate(config: RunConfig) -> Validated:
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
                      "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.", "learner.")
+                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.")
 RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
 
 
@@ -151,7 +151,8 @@ def _check_constitution(run_dir: Path, constitution_hash: str) -> None:
     before = json.loads(path.read_text(encoding="utf-8")).get("constitution_hash")
     if before and before != constitution_hash:
         raise RunDirError(
-            f"{run_dir} was started with another constitution text (hash {before[:12]}…, now {constitution_hash[:12]}…): "
+            f"{run_dir} was started with another constitution text (hash {before[:12]}…, now "
+            f"{constitution_hash[:12]}…): "
             f"its samples and labels were made with the old principles. Restore the constitution file, or choose "
             f"another run.name")
 
@@ -194,7 +195,7 @@ class Context:
     run_dir: Path
     constitution: object
     constitution_hash: str
-    learner: object  # Ray actor handle
+    learner: object  # the learner actor, called as its handle (health.LearnerWatch: every call timed)
     pool: object  # dispatch.WorkerPool
     metrics: object  # metrics.MetricsLog
     stages: StageRecord
@@ -254,24 +255,35 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
 
 
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
-    """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir."""
+    """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir.
+
+    SIGTERM / SIGINT stop it at the next safe point with the current stage saved (trainer/signals.py):
+    StopRequested is raised after Ray is shut down. A learner that dies or hangs stops it with a LearnerError
+    (trainer/health.py).
+    """
+    from trainer import signals
+
     validated = validate(config)
     prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
     run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
     from trainer import stages as stage_fns
+    from trainer.health import LearnerWatch
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
 
+    signals.install()
     ray = start_ray(config)
     learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    watch = LearnerWatch(learner, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
-                  constitution_hash=validated.constitution_hash, learner=learner, pool=pool,
+                  constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts)
     try:
         for stage in config.run.stages:
             if ctx.stages.done(stage):
                 log.info("stage %s: done already, skipped", stage)
                 continue
+            signals.check(f"before the {stage} stage")
             start = time.perf_counter()
             getattr(stage_fns, f"run_{stage}")(ctx)
             seconds = time.perf_counter() - start
@@ -279,12 +291,29 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
             ctx.stages.update(stage, done=True, seconds=round(seconds, 1))
             log.info("stage %s: done in %.1f s", stage, seconds)
         if config.run.export and "ppo" in config.run.stages and ctx.stages.done("ppo"):
-            ray.get(learner.export.remote(str(run_dir / "hf")))
+            ray.get(watch.export.remote(str(run_dir / "hf")))
         from trainer.report import write_report
 
         write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - a learner failure is explained; anything else passes unchanged
+        explained = watch.explain_failure(err)
+        if explained is err:
+            raise
+        raise explained from None
     finally:
-        ray.get(learner.close.remote())
-        ctx.metrics.close()
-        ray.shutdown()
+        _shut_down(ray, watch, ctx.metrics, config.ray.learner_timeout_s)
+        signals.uninstall()
     return run_dir
+
+
+def _shut_down(ray, watch, metrics, timeout_s: float) -> None:
+    """Let the learner finish its pending checkpoint writes, close the run files, stop Ray — whatever state
+    the learner is in (a dead one must not keep Ray running or hide the error that stopped the run)."""
+    try:
+        if watch.timed_out is None:
+            ray.get(watch.handle.close.remote(), timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - reported, never raised over the run's own outcome
+        log.warning("the learner did not close cleanly (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
+    watch.stop_watching()
+    metrics.close()
+    ray.shutdown()

@@ -103,10 +103,10 @@ def read_prompt_file(path: str | Path, source: str | None = None) -> list[Prompt
         if not isinstance(text, str) or not text.strip():
             raise PromptFileError(f"{path}, line {number}: \"prompt\" must be a non-empty string, got {text!r:.80}")
         if bad := NON_TEXT.search(text):
+            kind = "a lone surrogate" if 0xD800 <= ord(bad.group()) <= 0xDFFF else "a control character"
             raise PromptFileError(
                 f"{path}, line {number}: \"prompt\" holds the non-text character U+{ord(bad.group()):04X} at "
-                f"character {bad.start() + 1} ({'a lone surrogate' if 0xD800 <= ord(bad.group()) <= 0xDFFF else 'a control character'}); "
-                f"expected plain text (newlines and tabs are fine)")
+                f"character {bad.start() + 1} ({kind}); expected plain text (newlines and tabs are fine)")
         uid = record.get("uid")
         if uid is None:
             seen[text] = seen.get(text, 0) + 1

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from trainer import signals
 from trainer.ledger import Ledger, read_records, truncate_records
 from trainer.stages.common import dispatch_prompts, progress
 from trainer.stages.label import label_weights
@@ -97,6 +98,9 @@ def run_ppo(ctx) -> None:
             extras.update(iteration=it + 1, version=version, data_position=(it + 1) * cfg.ppo.batch_size)
             if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
                 ray.get(learner.save.remote(it + 1, extras))
+            if signals.stop_requested() and it + 1 < cfg.ppo.iterations:  # SIGTERM/SIGINT: save, then stop
+                ray.get(learner.save.remote(it + 1, extras, True))
+                signals.check(f"after PPO iteration {it + 1}")
     finally:
         bar.close()
     extras["eval_after"] = evaluate(ctx, "after", weights)
