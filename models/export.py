@@ -47,11 +47,13 @@ def atomic_directory(out: Path, *, replace_marker: str = EXPORT_MARKER) -> Itera
     only this function writes); any other existing directory is left alone and reported.
     """
     out = Path(out).absolute()
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"--out {out} exists and is not a directory; expected a directory path")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is a file; expected a directory path")
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; expected a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / replace_marker).is_file():
-        raise ExportError(f"--out {out} exists and was not written by cairl export (no {replace_marker} marker); "
-                          f"it is left as it is: choose an empty or new directory, or remove it yourself")
+        raise ExportError(f"--out {out} exists and holds other files: it was not written by cairl export (no "
+                          f"{replace_marker} marker), so it is left as it is; choose an empty or new directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -32,7 +32,7 @@ def _metric_rows(run_dir: Path) -> list[dict]:
 
 def _comparable(rows: list[dict]) -> dict:
     return {(r["stage"], r["step"]): {k: v for k, v in r.items() if k not in VOLATILE and not k.endswith(
-        ("_seconds", "tokens_per_s"))} for r in rows}
+        ("seconds", "tokens_per_s"))} for r in rows}
 
 
 def _final_params(run_dir: Path) -> dict:
@@ -155,6 +155,7 @@ def test_a_second_signal_exits_at_once_and_the_run_still_resumes(tiny_model, tmp
     run = Run(tiny_model, tmp_path)
     run.wait_for(lambda: len(read_records(run_dir / "samples" / "labels.jsonl")) >= 2)
     run.signal(signal.SIGTERM)
+    run.wait_for(lambda: "saving a checkpoint at the next safe point" in run.output())  # two at once would merge
     run.signal(signal.SIGTERM)
     assert run.finish() == 0, run.output()[-4000:]
     assert "second SIGTERM: exiting now" in run.output()
@@ -211,3 +212,15 @@ def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):  #
     assert run.finish() == 2, run.output()[-4000:]
     assert "past ray.learner_timeout_s = 0.5 s" in run.output() and "Traceback" not in run.output()
     assert run.leftovers() == []
+
+
+def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):  # noqa: F811
+    from test_run_inputs import LONG
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": LONG + " the end", "uid": "long"}] + [{"prompt": f"how do i help {i}"} for i in range(12)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_train(tiny_model, tmp_path / "runs", f"data.prompts=[{prompts}]", "data.ppo_prompts=4",
+              "run.stages=[sl,label]")
+    records = {r["uid"]: r for r in read_records(tmp_path / "runs" / "tiny" / "samples" / "sl.jsonl")}
+    assert records["long"]["prompt"].endswith("the end") and len(records["long"]["prompt"]) < 1000

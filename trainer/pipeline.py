@@ -271,9 +271,9 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
 
-    signals.install()
     ray = start_ray(config)
     learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
     watch = LearnerWatch(learner, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,

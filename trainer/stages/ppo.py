@@ -98,9 +98,11 @@ def run_ppo(ctx) -> None:
             extras.update(iteration=it + 1, version=version, data_position=(it + 1) * cfg.ppo.batch_size)
             if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
                 ray.get(learner.save.remote(it + 1, extras))
-            if signals.stop_requested() and it + 1 < cfg.ppo.iterations:  # SIGTERM/SIGINT: save, then stop
-                ray.get(learner.save.remote(it + 1, extras, True))
-                signals.check(f"after PPO iteration {it + 1}")
+            signals.check(f"after PPO iteration {it + 1}")
+    except signals.StopRequested:  # SIGTERM/SIGINT here or while sampling: keep the iterations done, then stop
+        if extras.get("iteration", 0) > done_iterations:
+            ray.get(learner.save.remote(extras["iteration"], extras, True))
+        raise
     finally:
         bar.close()
     extras["eval_after"] = evaluate(ctx, "after", weights)
