@@ -82,12 +82,10 @@ def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
 
 def _limited(limit_bytes: int, code: str) -> subprocess.CompletedProcess:
     """Run `code` in a child whose file-size limit is `limit_bytes` (EFBIG past it: a full disk, as a process sees it)."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
+    limit = f"import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    return subprocess.run([sys.executable, "-c", code], preexec_fn=limit, env=env, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run([sys.executable, "-c", limit + code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
 
 
 def test_disk_full_while_writing_metrics_is_a_clear_error_and_the_file_stays_whole(tmp_path):
