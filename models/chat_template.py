@@ -1,8 +1,12 @@
 """Chat templates: render a conversation to the text a chat model was trained on.
 
 Templates are Jinja2 programs shipped with models (tokenizer_config.json, GGUF metadata). They are
-untrusted, so they run in Jinja's immutable sandbox. The environment mirrors the one `transformers`
-gives `apply_chat_template`, so a model renders byte-for-byte the same text here and there:
+untrusted, so they run in Jinja's immutable sandbox, bounded in time and size: a render stops with a
+ChatTemplateError after RENDER_SECONDS or MAX_RENDER_CHARS of output. The clock is checked at every
+output chunk, function call (`range` included), attribute and item access and arithmetic operator, which
+is everything a template loop can do; `*`, `+` and `**` are refused before they build an oversized value.
+The environment mirrors the one `transformers` gives `apply_chat_template`, so a model renders
+byte-for-byte the same text here and there:
 
 - `trim_blocks` and `lstrip_blocks` on, `loopcontrols` (`{% break %}`, `{% continue %}`) enabled;
 - `{% generation %}...{% endgeneration %}` accepted (it marks assistant text for loss masks in
@@ -21,6 +25,8 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,8 +52,62 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
+RENDER_SECONDS = 5.0  # a real template renders a conversation in well under a millisecond
+MAX_RENDER_CHARS = 4_000_000  # far beyond any context window; a template must not fill memory
+
+
 class ChatTemplateError(UserError, ValueError):
     """A chat template that does not compile or that rejects the conversation (raise_exception)."""
+
+
+class _Budget(threading.local):
+    deadline: float = float("inf")
+
+
+_budget = _Budget()
+
+
+def _check_clock() -> None:
+    if time.monotonic() > _budget.deadline:
+        raise ChatTemplateError(f"the chat template ran longer than {RENDER_SECONDS:g} s; a chat template must "
+                                f"render a conversation at once (a hostile or broken template?)")
+
+
+def _too_big(kind: str, size: int) -> ChatTemplateError:
+    return ChatTemplateError(f"the chat template builds a {kind} of {size} items, more than {MAX_RENDER_CHARS}; "
+                             f"refused (a hostile or broken template?)")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with a clock check on every operation a loop can make, and no huge values."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call(self, context, obj, *args, **kwargs):
+        _check_clock()
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _check_clock()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_clock()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        _check_clock()
+        sized = (str, bytes, list, tuple)
+        if operator == "*" and isinstance(left, int) != isinstance(right, int):
+            seq, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, sized) and len(seq) * max(times, 0) > MAX_RENDER_CHARS:
+                raise _too_big(type(seq).__name__, len(seq) * times)
+        if operator == "**" and isinstance(right, int) and abs(right) > 4096:
+            raise ChatTemplateError(f"the chat template raises to the power {right}; refused")
+        result = super().call_binop(context, operator, left, right)
+        if isinstance(result, sized) and len(result) > MAX_RENDER_CHARS:
+            raise _too_big(type(result).__name__, len(result))
+        return result
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -99,7 +159,7 @@ class _SafeNamespace(jinja2.utils.Namespace):
 @functools.lru_cache(maxsize=32)
 def compile_chat_template(template: str) -> jinja2.Template:
     """Compile `template` in the sandbox; cached because a run renders thousands of conversations."""
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -155,11 +215,23 @@ def render_chat_template(
     """
     compiled = compile_chat_template(template)
     context = {"tools": None, "documents": None, **special_tokens, **variables}
+    messages = normalize_messages(messages)
+    _budget.deadline = time.monotonic() + RENDER_SECONDS
     try:
-        return compiled.render(
-            messages=normalize_messages(messages), add_generation_prompt=add_generation_prompt, **context
-        )
+        chunks, size = [], 0
+        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **context):
+            size += len(chunk)
+            if size > MAX_RENDER_CHARS:
+                raise ChatTemplateError(f"the chat template's output passed {MAX_RENDER_CHARS} characters; refused "
+                                        f"(a hostile or broken template?)")
+            _check_clock()
+            chunks.append(chunk)
+        return "".join(chunks)
     except jinja2.exceptions.SecurityError as e:
         raise ChatTemplateError(f"the chat template tried an unsafe operation: {e}") from None
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"the chat template rejected the conversation: {e}") from None
+    except (MemoryError, RecursionError) as e:
+        raise ChatTemplateError(f"the chat template exhausted the renderer ({type(e).__name__}); refused") from None
+    finally:
+        _budget.deadline = float("inf")

@@ -4,8 +4,11 @@
     out/generation_config.json    bos, eos (every stop id: eos + end-of-turn tokens), pad
     out/model.safetensors         or model-0000i-of-0000N.safetensors + model.safetensors.index.json
     out/tokenizer*.json ...       Tokenizer.save
+    out/.cairl-export             marker: this directory was written by cairl export
 
 The directory is assembled beside `out` and renamed into place, so a crash never leaves half an export.
+An existing `out` is replaced only when it is empty or holds the marker: a directory someone else wrote
+(even a Hugging Face model with its own config.json) is never deleted.
 """
 
 from __future__ import annotations
@@ -33,18 +36,24 @@ class ExportError(UserError, OSError):
     """An export destination we cannot write, or a dtype we cannot export to."""
 
 
-@contextlib.contextmanager
-def atomic_directory(out: Path, *, replace_marker: str = "config.json") -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `out`; on success it becomes `out`.
+EXPORT_MARKER = ".cairl-export"
 
-    An existing `out` is replaced only when it is empty or looks like a previous result (holds
-    `replace_marker`); any other existing directory is left alone and reported.
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, replace_marker: str = EXPORT_MARKER) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `out`; on success it becomes `out`, holding `replace_marker`.
+
+    An existing `out` is replaced only when it is empty or a previous result (holds `replace_marker`, which
+    only this function writes); any other existing directory is left alone and reported.
     """
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is a file; expected a directory path")
-    if out.is_dir() and any(out.iterdir()) and not (out / replace_marker).exists():
-        raise ExportError(f"--out {out} exists and holds other files; choose an empty or new directory")
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; expected a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / replace_marker).is_file():
+        raise ExportError(f"--out {out} exists and holds other files: it was not written by cairl export (no "
+                          f"{replace_marker} marker), so it is left as it is; choose an empty or new directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -52,6 +61,8 @@ def atomic_directory(out: Path, *, replace_marker: str = "config.json") -> Itera
         raise ExportError(f"cannot write to {out.parent}: {e.strerror}; choose a writable --out directory") from None
     try:
         yield tmp
+        (tmp / replace_marker).write_text("written by cairl export; replaced by the next export here\n",
+                                          encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
         old = None
         if out.exists():

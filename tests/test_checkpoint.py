@@ -3,7 +3,9 @@
 The same file is the training worker for the kill test:
 `python tests/test_checkpoint.py RUN_DIR TOTAL_STEPS KILL_AT` trains a tiny PPO policy + value on a
 deterministic data stream (batch k is a function of k), checkpointing every 2 steps; with
-KILL_AT > 0 it SIGKILLs itself right after the async save of that step has started.
+KILL_AT > 0 it SIGKILLs itself inside the async save of that step, after the arrays are written and
+before Orbax commits the step (the rename of its temporary directory): the latest point a kill can cut
+a save off, reached every time whatever the machine's load.
 """
 
 import logging
@@ -45,6 +47,8 @@ def _train(run_dir: Path, total_steps: int, kill_at: int) -> None:
     value_factory = lambda r: ScalarModel(preset("tiny"), r, mesh_rules)  # noqa: E731
     config = PPOConfig(epochs=1, minibatches=2, kl=PPOConfig().kl.__class__(kind="adaptive", target=0.05, horizon=100))
 
+    if kill_at:
+        _kill_before_commit(kill_at)
     ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(every_steps=2, keep=2))
     abstract = abstract_ppo_state(abstract_train_state(policy_factory, optimizer, mesh_rules, 0),
                                   abstract_train_state(value_factory, optimizer, mesh_rules, 1))
@@ -61,13 +65,26 @@ def _train(run_dir: Path, total_steps: int, kill_at: int) -> None:
     while position < total_steps:
         state, metrics = step(state, data_batch(position))
         position += 1
-        if ckpt.save(position, state, {"data_position": position}) and position == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # the async write has started, not finished
+        ckpt.save(position, state, {"data_position": position})
     ckpt.save(position, state, {"data_position": position}, force=True)
     ckpt.close()
     leaves = jax.tree.leaves((state.policy.params, state.value.params, state.policy.opt_state, state.beta,
                               state.policy.rng))
     np.savez(run_dir / "final.npz", *[np.asarray(x) for x in leaves])
+
+
+def _kill_before_commit(step: int) -> None:
+    """The fault injector: SIGKILL this process when Orbax's background thread is about to commit `step`."""
+    from orbax.checkpoint._src.path import atomicity
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_die(self):
+        if self._final_path.name == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
 
 
 def _run_worker(run_dir: Path, total: int, kill_at: int = 0) -> subprocess.CompletedProcess:
@@ -87,6 +104,7 @@ def test_sigkill_during_async_save_then_resume_is_bit_identical(tmp_path):
     # The kill cut step 4's write off: only Orbax's temporary directory exists for it.
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert (checkpoints / "2").is_dir() and not (checkpoints / "4").exists(), sorted(p.name for p in checkpoints.iterdir())
+    assert any(p.name.startswith("4.orbax-checkpoint-tmp") for p in checkpoints.iterdir()), list(checkpoints.iterdir())
     resumed = _run_worker(tmp_path / "resumed", total=6)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at data position 2" in resumed.stdout, resumed.stdout
@@ -186,3 +204,32 @@ def test_fresh_directory_restores_none_and_periodic_saves(eight_devices, tmp_pat
 
 if __name__ == "__main__":
     _train(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_a_changed_state_layout_is_a_clear_error_and_nothing_is_moved(tmp_path):
+    """Resuming with max_grad_norm: null drops the clip's state from the optimizer tree: a config change,
+    not corruption, so every checkpoint stays where it is."""
+    import jax
+    import jax.numpy as jnp
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer, CheckpointLayoutError
+    from trainer.optim import OptimizerConfig, make_optimizer
+
+    params = {"w_DxF": jnp.ones((4, 8)), "scale_D": jnp.ones(4)}
+
+    def state(max_grad_norm):
+        return {"params": params, "opt_state": make_optimizer(OptimizerConfig(max_grad_norm=max_grad_norm)).init(params)}
+
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1, keep=3)) as ckpt:
+        ckpt.save(1, state(1.0), {"iteration": 1})
+        ckpt.save(2, state(1.0), {"iteration": 2})
+    changed = jax.eval_shape(lambda: state(None))
+    with Checkpointer(tmp_path) as reader, pytest.raises(CheckpointLayoutError) as err:
+        reader.restore(changed)
+    message = str(err.value)
+    assert "another state layout" in message and "in the checkpoint only: opt_state.1.0.count" in message, message
+    assert "max_grad_norm" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing renamed, nothing deleted
+    with Checkpointer(tmp_path) as reader:  # the original setting still resumes from the newest step
+        _, extras = reader.restore(jax.eval_shape(lambda: state(1.0)))
+    assert extras == {"iteration": 2}

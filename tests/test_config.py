@@ -147,7 +147,7 @@ def test_a_run_saved_before_a_new_config_key_still_resumes(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     assert prepare_run_dir(config, resume=True) == run_dir
     changed = load_run_config(None, [f"run.runs_dir={tmp_path}", "model.dtype=bfloat16"])
-    with pytest.raises(RunDirError, match="different 'model' section"):
+    with pytest.raises(RunDirError, match="model.dtype: 'float32' → 'bfloat16'"):
         prepare_run_dir(changed, resume=True)
 
 

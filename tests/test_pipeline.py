@@ -110,3 +110,24 @@ def test_diverging_stage_stops_the_run_with_a_resumable_checkpoint(tiny_model, t
     assert not json.loads((tmp_path / "tiny" / "stages.json").read_text()).get("rm", {}).get("done")
     metrics = [m for m in read_records(tmp_path / "tiny" / "metrics.jsonl") if m["stage"] == "rm"]
     assert [(m["rm/skipped"], m["rm/nonfinite_streak"]) for m in metrics] == [(1.0, 1.0), (1.0, 2.0)]
+
+
+def test_recipe_route_direct_revisions_helpful_answers_and_revision_pairs(tiny_model, tmp_path):
+    """The recipe's route (configs/smollm2-cai.yaml): direct revisions, helpful prompts answered into
+    the SFT data, preference pairs from the revisions, prompt sets cycled."""
+    run_train(tiny_model, tmp_path, "sl.revision_style=direct", "sl.helpful_sources=[helpful_train]",
+              "label.pairs=revisions", "data.cycle_sets=true", "data.sl_prompts=6")
+    run_dir = tmp_path / "tiny"
+    revised = read_records(run_dir / "samples" / "sl.jsonl")
+    answered = read_records(run_dir / "samples" / "sl_answers.jsonl")
+    assert len(revised) == len(answered) == 3  # 6 interleaved prompts: 3 red-team, 3 helpful
+    assert all(r["uid"].startswith("red_team_train") and r["rounds"][0]["critique"] == "" for r in revised)
+    assert all(r["uid"].startswith("helpful_train") and r["rounds"] == [] for r in answered)
+    labels = read_records(run_dir / "samples" / "labels.jsonl")
+    by_uid = {r["uid"]: r for r in revised}
+    assert labels and all(r["source"] == "sl_revision" and r["p_a"] == 0.9 for r in labels)
+    assert all(r["response_a"] == by_uid[r["uid"]]["final_revision"].strip() for r in labels)
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert all(stages[s]["done"] for s in ("sl", "label", "rm", "ppo"))
+    assert stages["sl"]["revised"] == 3 and stages["sl"]["answered"] == 3
+    assert (run_dir / "hf" / "config.json").is_file()

@@ -62,7 +62,8 @@ class DataSection:
     label_prompts: int = 16  # prompts for AI-feedback pairs
     ppo_prompts: int = 16  # prompts PPO cycles over
     eval_count: int = 8  # held-out prompts for evaluation
-    max_prompt_tokens: int = 96  # chat-rendered prompt tokens kept (longer prompts keep their end)
+    max_prompt_tokens: int = 96  # chat-rendered prompt tokens a prompt may have, in every stage
+    long_prompts: Literal["truncate", "reject"] = "truncate"  # a longer prompt: keep its end, or refuse the run
     # Shorter prompt sets repeat until the longest is used up, so every stage's slice keeps the mix
     # (48 helpful prompts beside 3,000 red-team ones would otherwise all land in the first slice).
     cycle_sets: bool = False
@@ -176,7 +177,12 @@ class RaySection:
     dashboard: bool = False  # start the dashboard (local cluster)
     num_cpus: int | None = None  # local cluster CPUs (default: the machine's)
     learner_num_cpus: float = 0.5  # Ray CPU share of the learner actor
+    learner_timeout_s: float = 3600.0  # longest one learner call may run (first compiles included); then it is stopped
     temp_dir: str = ""  # Ray session files; empty = <run dir>/ray is too long for sockets, so /tmp/cairl-ray-<name>
+
+    def __post_init__(self):
+        if self.learner_timeout_s <= 0:
+            raise RunConfigError(f"ray.learner_timeout_s must be > 0, got {self.learner_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +197,10 @@ class RunSection:
     def __post_init__(self):
         if self.max_nonfinite_updates < 1:
             raise RunConfigError(f"run.max_nonfinite_updates must be ≥ 1, got {self.max_nonfinite_updates}")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
-            raise RunConfigError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or set(self.name) == {"."}:
+            # '.' and '..' would make the run directory runs_dir itself or its parent.
+            raise RunConfigError(f"run.name {self.name!r}: expected a plain directory name of letters, digits, '.', "
+                                 f"'_' and '-' (not '.' or '..')")
         order = [STAGES.index(s) for s in self.stages]
         if not self.stages or order != sorted(set(order)):
             raise RunConfigError(f"run.stages must be a non-empty subset of {list(STAGES)} in that order, "

@@ -6,9 +6,11 @@
 Every idle worker gets the next pending uids of the ledger. When a task returns, each record goes
 to `on_record(uid, record, result)` (which completes the uid in the ledger). Failure handling:
   * worker died (os._exit, OOM, node loss): its uids go back to pending; Ray restarts the actor
-    (`max_restarts`) and the next task it receives waits for the restart;
-  * worker hung (task older than `timeout_s`): the actor is killed with restart allowed and treated
-    as dead;
+    (`max_restarts`) and it gets no task until it answers a readiness probe;
+  * worker hung (task running longer than `timeout_s`): the actor is killed with restart allowed and
+    treated as dead. The clock starts when a task is sent to a worker known to be up (every worker is
+    probed before its first task and after every restart), so a slow actor start-up never counts
+    against a task;
   * stale result (sampled with weights more than `max_staleness` versions behind): dropped and
     counted, its uids re-dispatched;
   * a task that raises an ordinary exception is a bug or bad input: the run stops with it.
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from models.errors import UserError
+from trainer import signals
 from trainer.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -85,11 +88,13 @@ class WorkerPool:
         in_flight: dict = {}  # ObjectRef -> (worker index, uids, dispatch time)
         killed: set = set()
         idle = set(self._alive())
-        cooling: dict[int, float] = {}  # worker -> time before which it gets no task (restarting)
+        starting = {w: self._probe(w) for w in idle}  # worker -> readiness probe; no task until it answers
         while not ledger.finished:
-            now = time.monotonic()
+            signals.check(f"while dispatching {ledger.path.name}")  # completed uids are durable: nothing to save
+            self._collect_probes(starting)
+            idle -= self.retired
             for w in sorted(idle):
-                if cooling.get(w, 0.0) > now:
+                if w in starting:
                     continue
                 uids = ledger.take(batch_size, worker=self.names[w])
                 if not uids:
@@ -101,8 +106,8 @@ class WorkerPool:
             if not in_flight:
                 if ledger.finished:
                     break
-                if cooling:
-                    time.sleep(0.1)
+                if starting:
+                    ray.wait(list(starting.values()), num_returns=1, timeout=1.0)
                 if not self._alive():
                     raise WorkersLostError(
                         f"every rollout worker died more than rollout.max_restarts = {self.max_restarts} times; "
@@ -123,7 +128,7 @@ class WorkerPool:
                     self._on_death(w, uids, ledger, err)
                     if w not in self.retired:
                         idle.add(w)
-                        cooling[w] = time.monotonic() + 0.5  # let Ray finish restarting it
+                        starting[w] = self._probe(w)  # Ray is restarting it
                     continue
                 idle.add(w)
                 self._accept(result, uids, ledger, on_record, current_version(), progress)
@@ -137,6 +142,30 @@ class WorkerPool:
                     ray.kill(self.handles[w], no_restart=False)
         self.stats.seconds += time.perf_counter() - start
         return self.stats
+
+    def _probe(self, w: int):
+        """A no-op call that returns once worker `w`'s actor is up (after a start or a restart)."""
+        return self.handles[w].__ray_ready__.remote()
+
+    def _collect_probes(self, starting: dict) -> None:
+        """Drop answered probes (those workers may get tasks); re-probe one that hit a restart in progress."""
+        import ray
+
+        ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0) if starting else ([], [])
+        for w, ref in list(starting.items()):
+            if ref not in ready:
+                continue
+            try:
+                ray.get(ref)
+                del starting[w]
+            except Exception as err:  # noqa: BLE001 - the actor is restarting, or gone for good
+                if not _is_actor_death(err) or _is_permanent_death(err):
+                    self.retired.add(w)
+                    del starting[w]
+                    log.warning("%s did not come back (%s); retired", self.names[w], type(err).__name__)
+                else:
+                    time.sleep(0.05)
+                    starting[w] = self._probe(w)
 
     def _on_death(self, w: int, uids: list[str], ledger: Ledger, err: BaseException) -> None:
         self.deaths[w] += 1

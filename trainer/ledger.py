@@ -14,7 +14,6 @@ In-flight bookkeeping lives in memory only: after a restart, everything not comp
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import UserError
+from trainer.durable import append_line, cut_torn_tail, write_atomic
 
 
 class LedgerError(UserError, RuntimeError):
@@ -39,17 +39,6 @@ def read_records(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return records
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a partial last line left by a crash mid-write, so appends start on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with path.open("r+b") as f:
-            f.truncate(keep)
 
 
 class Ledger:
@@ -73,7 +62,7 @@ class Ledger:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_tail(path)
+        cut_torn_tail(path)
         known = set(uids)
         done = []
         for record in read_records(path):
@@ -127,10 +116,7 @@ class Ledger:
         if uid not in self.in_flight and uid not in self._pending:
             raise LedgerError(f"{self.path}: completion for unknown prompt uid {uid!r}")
         line = json.dumps({"uid": uid, **record}, ensure_ascii=False) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, line)
         self.done.add(uid)
         self.in_flight.pop(uid, None)
         self._pending.pop(uid, None)
@@ -147,7 +133,5 @@ def truncate_records(path: Path, keep) -> int:
         return 0
     records = read_records(path)
     kept = [r for r in records if keep(r)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return len(records) - len(kept)

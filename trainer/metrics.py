@@ -4,18 +4,25 @@
     log.write("ppo", step=3, metrics={"reward_mean": 0.4, "kl": 0.02})
     # metrics.jsonl: {"stage": "ppo", "step": 3, "time": ..., "ppo/reward_mean": 0.4, "ppo/kl": 0.02}
 
-On resume, `truncate(stage, after_step)` drops the lines an interrupted stage logged past its last
-checkpoint, so every (stage, step) appears once in the finished file.
+Every (stage, step) appears exactly once, whatever kills the run:
+- a line torn by a crash mid-write is cut off on open (as the prompt ledger does);
+- a stage that resumes from a checkpoint older than its last logged step logs those steps again: writing a
+  step that is already there first drops that stage's rows from that step on (`truncate`), so the redone
+  steps replace the lost ones;
+- TensorBoard's event files are append-only and flushed in the background, so after a kill they may hold
+  rows past the last checkpoint or miss the last ones. metrics.jsonl is the record; `tb/` is a view of it,
+  rebuilt from it when a run reopens and after every truncation.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import time
 from pathlib import Path
 
+from trainer.durable import append_line, cut_torn_tail, write_atomic
 from trainer.ledger import read_records
 
 
@@ -31,6 +38,17 @@ class MetricsLog:
         self._tb_dir = Path(run_dir) / "tb"
         self._tb = None
         self._tensorboard = tensorboard
+        cut_torn_tail(self.path)
+        self._last_step: dict[str, int] = {}  # stage -> highest step in metrics.jsonl
+        records = read_records(self.path)
+        for record in records:
+            self._note(record)
+        if records or self._tb_dir.exists():
+            self._rebuild_tensorboard(records)
+
+    def _note(self, record: dict) -> None:
+        stage, step = record.get("stage"), int(record.get("step", 0))
+        self._last_step[stage] = max(step, self._last_step.get(stage, step))
 
     def _writer(self):
         if self._tb is None and self._tensorboard:
@@ -40,18 +58,33 @@ class MetricsLog:
         return self._tb
 
     def write(self, stage: str, step: int, metrics: dict) -> dict:
-        record = {"stage": stage, "step": int(step), "time": round(time.time(), 3)}
+        step = int(step)
+        if step <= self._last_step.get(stage, -1):
+            self.truncate(stage, step - 1)  # a resumed stage redoes the steps past its checkpoint
+        record = {"stage": stage, "step": step, "time": round(time.time(), 3)}
         record.update({f"{stage}/{k}": _plain(v) for k, v in metrics.items()})
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(record) + "\n")
+        self._note(record)
+        self._add_to_tensorboard(record)
+        return record
+
+    def _add_to_tensorboard(self, record: dict) -> None:
         writer = self._writer()
         if writer is not None:
             for name, value in record.items():
                 if "/" in name and value is not None:
-                    writer.add_scalar(name, value, int(step))
-        return record
+                    writer.add_scalar(name, value, int(record["step"]))
+
+    def _rebuild_tensorboard(self, records: list[dict]) -> None:
+        """Rewrite tb/ from `records`: one event per (stage, step, metric), nothing else."""
+        if not self._tensorboard:
+            return
+        self.close()
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
+        for record in records:
+            self._add_to_tensorboard(record)
+        if self._tb is not None:
+            self._tb.flush()
 
     def records(self, stage: str | None = None) -> list[dict]:
         return [r for r in read_records(self.path) if stage is None or r.get("stage") == stage]
@@ -66,9 +99,12 @@ class MetricsLog:
                 dropped += 1
             else:
                 kept.append(record)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        if dropped:
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._last_step = {}
+            for record in kept:
+                self._note(record)
+            self._rebuild_tensorboard(kept)
         return dropped
 
     def close(self) -> None:

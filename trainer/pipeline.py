@@ -13,8 +13,10 @@ ledger (completed prompt uids) and its newest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 from models.errors import UserError
 from trainer import configlib
 from trainer.config import RunConfig, redacted, to_yaml
+from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
 
 log = logging.getLogger(__name__)
@@ -37,14 +40,16 @@ class Validated:
 
     constitution: object
     constitution_hash: str
+    tokenizer: object  # the policy's, for the prompt-length rule
 
 
 def validate(config: RunConfig) -> Validated:
-    """Check every input file without starting Ray or a JAX backend: constitution, prompt files, model."""
-    from models import fetch
+    """Check every input file without starting Ray or a JAX backend: constitution, prompt files, model
+    sources (opened: config, tokenizer, tensor headers)."""
     from trainer.constitution import load_constitution
     from trainer.data.load import DEFAULT_SETS
     from trainer.data.records import PromptFileError, read_prompt_file
+    from trainer.preflight import check_model_source
 
     constitution = load_constitution(config.constitution)
     if not constitution.critique_principles and "sl" in config.run.stages:
@@ -60,34 +65,68 @@ def validate(config: RunConfig) -> Validated:
                                       f"{', '.join('default:' + n for n in DEFAULT_SETS)}")
         elif spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).exists():
             read_prompt_file(spec)  # raises with the file and line of the first bad record
-    source = config.model.source
-    for name in (source, config.model.feedback_source):
-        if name and name not in fetch.EMBEDDED and not Path(name).expanduser().exists():
-            raise UserError(f"model.source {name!r}: no such file or directory, and not a registry name "
-                            f"({', '.join(sorted(fetch.EMBEDDED))})")
-    return Validated(constitution=constitution, constitution_hash=constitution.hash)
+    if config.ray.address:
+        from trainer.ray_auth import require_join_token
+
+        require_join_token(config.ray.address)
+    tokenizer = check_model_source(config.model.source, "model.source")
+    if config.model.feedback_source:
+        check_model_source(config.model.feedback_source, "model.feedback_source")
+    return Validated(constitution=constitution, constitution_hash=constitution.hash, tokenizer=tokenizer)
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Create or reopen the run directory; a reopened one must have been made by the same config
-    apart from run.stages and the stage lengths (which may grow on resume)."""
+# Settings a resumed run may change: which stages run, the stage lengths, and how the run executes (cluster,
+# workers, timeouts, checkpoint cadence, where files live, the learner mesh: checkpoints restore onto
+# another mesh). Any other change would mix two experiments in one run directory. A key ending in "." is a
+# whole section.
+RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
+                     "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
+                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.")
+RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
+
+
+def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = "") -> Path:
+    """Create or reopen the run directory; a reopened one must have been made by the same resolved config
+    (apart from RESUMABLE_CHANGES) and the same constitution text."""
     run_dir = config.run_dir
     saved = run_dir / "config.yaml"
     if saved.exists():
-        previous = _saved_config(saved)
-        current = redacted(configlib.to_dict(config))
-        for section in ("model", "constitution", "data"):
-            if _normalise(previous.get(section)) != _normalise(current.get(section)):
-                raise RunDirError(
-                    f"{run_dir} was started with a different '{section}' section (see {saved}); resume it with "
-                    f"the same config, or choose another run.name")
+        changed = config_changes(_saved_config(saved), redacted(configlib.to_dict(config)))
+        if changed:
+            raise RunDirError(
+                f"{run_dir} was started with other settings (see {saved}): {'; '.join(changed)}. Only "
+                f"{', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_CHANGES)} may change on resume; "
+                f"resume with the saved settings (cairl train --resume {run_dir}), or choose another run.name")
+        _check_constitution(run_dir, constitution_hash)
         log.info("resuming %s", run_dir)
     elif resume:
         raise RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    saved.write_text(to_yaml(config), encoding="utf-8")
+    write_atomic(saved, to_yaml(config))
+    if constitution_hash:
+        write_atomic(run_dir / RUN_FILE, json.dumps({"constitution_hash": constitution_hash}) + "\n")
     return run_dir
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+    """'key: old → new' for every resolved setting that differs and may not change on resume."""
+    old, new = _flatten(_normalise(previous)), _flatten(_normalise(current))
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key) and not any(
+                key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            out.append(f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}")
+    return out
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
 
 
 def _saved_config(path: Path) -> dict:
@@ -102,21 +141,40 @@ def _saved_config(path: Path) -> dict:
 
 
 def _normalise(value):
-    import json
-
     return json.loads(json.dumps(value, default=str))
 
 
+def _check_constitution(run_dir: Path, constitution_hash: str) -> None:
+    path = run_dir / RUN_FILE
+    if not constitution_hash or not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8")).get("constitution_hash")
+    if before and before != constitution_hash:
+        raise RunDirError(
+            f"{run_dir} was started with another constitution text (hash {before[:12]}…, now "
+            f"{constitution_hash[:12]}…): "
+            f"its samples and labels were made with the old principles. Restore the constitution file, or choose "
+            f"another run.name")
+
+
 def start_ray(config: RunConfig):
-    """A local Ray cluster on 127.0.0.1 without dashboard (token auth left on), or join `ray.address`."""
+    """A local Ray cluster on 127.0.0.1 without dashboard, authenticated by a private per-run token, or join
+    `ray.address` (token required)."""
+    from trainer.ray_auth import private_token, require_join_token
+
     if not config.ray.address and config.ray.host in ("127.0.0.1", "localhost"):
         # Ray otherwise swaps a loopback _node_ip_address for the machine's routable address; with
         # clustering off it keeps every service on the loopback interface. Read when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
+    # Before ray is imported: Ray reads its auth settings from the environment once per process.
+    if config.ray.address:
+        require_join_token(config.ray.address)
+    else:
+        private_token()
     import ray
 
-    if ray.is_initialized():
-        return ray
     if config.ray.address:
         ray.init(address=config.ray.address, log_to_driver=True)
         return ray
@@ -137,7 +195,7 @@ class Context:
     run_dir: Path
     constitution: object
     constitution_hash: str
-    learner: object  # Ray actor handle
+    learner: object  # the learner actor, called as its handle (health.LearnerWatch: every call timed)
     pool: object  # dispatch.WorkerPool
     metrics: object  # metrics.MetricsLog
     stages: StageRecord
@@ -154,14 +212,22 @@ def _interleave(sets: list[list], cycle: bool = False) -> list:
     return out
 
 
-def load_prompts(config: RunConfig) -> dict:
-    """Train prompts split into disjoint sl / label / ppo slices (wrapping when there are too few) and eval."""
+def load_prompts(config: RunConfig, tokenizer=None) -> dict:
+    """Train prompts split into disjoint sl / label / ppo slices (wrapping when there are too few) and eval,
+    each fitted to data.max_prompt_tokens by the data.long_prompts rule when `tokenizer` is given."""
     from models.fetch import cache_root
     from trainer.data.load import load_prompt_set
+    from trainer.preflight import fit_prompts
 
     data_dir = config.data.data_dir or str(cache_root() / "tfds")
-    train = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.prompts], config.data.cycle_sets)
-    held = _interleave([load_prompt_set(spec, data_dir) for spec in config.data.eval_prompts])
+
+    def load(specs, cycle=False):
+        prompts = _interleave([load_prompt_set(spec, data_dir) for spec in specs], cycle)
+        if tokenizer is None:
+            return prompts
+        return fit_prompts(prompts, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
+
+    train, held = load(config.data.prompts, config.data.cycle_sets), load(config.data.eval_prompts)
     train_uids = {p.uid for p in train}
     held = [p for p in held if p.uid not in train_uids][: config.data.eval_count]
     counts = {"sl": config.data.sl_prompts, "label": config.data.label_prompts, "ppo": config.data.ppo_prompts}
@@ -191,24 +257,35 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
 
 
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
-    """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir."""
+    """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir.
+
+    SIGTERM / SIGINT stop it at the next safe point with the current stage saved (trainer/signals.py):
+    StopRequested is raised after Ray is shut down. A learner that dies or hangs stops it with a LearnerError
+    (trainer/health.py).
+    """
+    from trainer import signals
+
     validated = validate(config)
-    run_dir = prepare_run_dir(config, resume)
+    prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
+    run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
     from trainer import stages as stage_fns
+    from trainer.health import LearnerWatch
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
 
-    prompts = load_prompts(config)
     ray = start_ray(config)
     learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
+    watch = LearnerWatch(learner, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
-                  constitution_hash=validated.constitution_hash, learner=learner, pool=pool,
+                  constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts)
     try:
         for stage in config.run.stages:
             if ctx.stages.done(stage):
                 log.info("stage %s: done already, skipped", stage)
                 continue
+            signals.check(f"before the {stage} stage")
             start = time.perf_counter()
             getattr(stage_fns, f"run_{stage}")(ctx)
             seconds = time.perf_counter() - start
@@ -216,12 +293,29 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
             ctx.stages.update(stage, done=True, seconds=round(seconds, 1))
             log.info("stage %s: done in %.1f s", stage, seconds)
         if config.run.export and "ppo" in config.run.stages and ctx.stages.done("ppo"):
-            ray.get(learner.export.remote(str(run_dir / "hf")))
+            ray.get(watch.export.remote(str(run_dir / "hf")))
         from trainer.report import write_report
 
         write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - a learner failure is explained; anything else passes unchanged
+        explained = watch.explain_failure(err)
+        if explained is err:
+            raise
+        raise explained from None
     finally:
-        ray.get(learner.close.remote())
-        ctx.metrics.close()
-        ray.shutdown()
+        _shut_down(ray, watch, ctx.metrics, config.ray.learner_timeout_s)
+        signals.uninstall()
     return run_dir
+
+
+def _shut_down(ray, watch, metrics, timeout_s: float) -> None:
+    """Let the learner finish its pending checkpoint writes, close the run files, stop Ray — whatever state
+    the learner is in (a dead one must not keep Ray running or hide the error that stopped the run)."""
+    try:
+        if watch.timed_out is None:
+            ray.get(watch.handle.close.remote(), timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - reported, never raised over the run's own outcome
+        log.warning("the learner did not close cleanly (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
+    watch.stop_watching()
+    metrics.close()
+    ray.shutdown()

@@ -1,4 +1,4 @@
-"""Which stages of a run are finished: <run>/stages.json, rewritten atomically after each stage.
+"""Which stages of a run are finished: <run>/stages.json, rewritten atomically and durably after each stage.
 
 A stage is marked done only after its outputs are durable (samples file complete, stage-final
 checkpoint committed), so a resumed run skips exactly the finished stages.
@@ -7,8 +7,9 @@ checkpoint committed), so a resumed run skips exactly the finished stages.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from trainer.durable import write_atomic
 
 
 class StageRecord:
@@ -29,6 +30,4 @@ class StageRecord:
     def update(self, stage: str, **info) -> None:
         data = self.read()
         data.setdefault(stage, {}).update(info)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")

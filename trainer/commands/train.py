@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -33,7 +34,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise UserError("cairl train: give --config FILE (or --resume RUN_DIR)")
     from trainer.pipeline import train
+    from trainer.signals import StopRequested
 
-    run_dir = train(config, resume=bool(args.resume))
+    try:
+        run_dir = train(config, resume=bool(args.resume))
+    except StopRequested as stop:
+        print(f"cairl train: {stop}; its progress is saved: continue with cairl train --resume {config.run_dir}",
+              file=sys.stderr)
+        return stop.exit_code
     print(f"run finished: {run_dir}/report.md")
     return 0

@@ -20,6 +20,11 @@ from models.errors import UserError
 ASSISTANT_TURN = "\n\nAssistant:"
 
 
+# Control characters other than tab, newline and carriage return, and lone UTF-16 surrogates (JSON's "\ud800"
+# decodes to one; it cannot be written back as UTF-8, so a run holding it could never record its result).
+NON_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 class PromptFileError(UserError, ValueError):
     """A prompt or dataset file that cannot be read as the expected JSON lines."""
 
@@ -96,6 +101,11 @@ def read_prompt_file(path: str | Path, source: str | None = None) -> list[Prompt
             )
         if not isinstance(text, str) or not text.strip():
             raise PromptFileError(f"{path}, line {number}: \"prompt\" must be a non-empty string, got {text!r:.80}")
+        if bad := NON_TEXT.search(text):
+            kind = "a lone surrogate" if 0xD800 <= ord(bad.group()) <= 0xDFFF else "a control character"
+            raise PromptFileError(
+                f"{path}, line {number}: \"prompt\" holds the non-text character U+{ord(bad.group()):04X} at "
+                f"character {bad.start() + 1} ({kind}); expected plain text (newlines and tabs are fine)")
         uid = record.get("uid")
         if uid is None:
             seen[text] = seen.get(text, 0) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from trainer import signals
 from trainer.ledger import Ledger
 from trainer.rollout import Task, task_seed
 from trainer.weights import WeightHandle
@@ -79,6 +80,9 @@ def learner_loop(ctx, stage: str, total_steps: int, start_step: int, every: int,
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
             if (step + 1) % every == 0 and step + 1 < total_steps:
                 ray.get(learner.save.remote(step + 1, extras or {}))
+            if signals.stop_requested() and step + 1 < total_steps:  # SIGTERM/SIGINT: save, then stop
+                ray.get(learner.save.remote(step + 1, extras or {}, True))
+                signals.check(f"after {stage} step {step + 1}")
     finally:
         bar.close()
     ray.get(learner.save.remote(total_steps, extras or {}, True))

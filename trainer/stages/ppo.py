@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 
-from trainer.learners.requests import Rollout
 from models.sampling import SamplingParams
+from trainer import signals
+from trainer.learners.requests import Rollout
 from trainer.ledger import Ledger, read_records, truncate_records
 from trainer.rollout import RolloutSettings
 from trainer.stages.common import dispatch_prompts, progress, stop_if_diverged
@@ -103,6 +104,11 @@ def run_ppo(ctx) -> None:
             stop_if_diverged(ctx, guard, it + 1, metrics, extras)
             if (it + 1) % cfg.checkpoint.every_steps == 0 and it + 1 < cfg.ppo.iterations:
                 ray.get(learner.save.remote(it + 1, extras))
+            signals.check(f"after PPO iteration {it + 1}")
+    except signals.StopRequested:  # SIGTERM/SIGINT here or while sampling: keep the iterations done, then stop
+        if extras.get("iteration", 0) > done_iterations:
+            ray.get(learner.save.remote(extras["iteration"], extras, True))
+        raise
     finally:
         bar.close()
     extras["eval_after"] = evaluate(ctx, "after", weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+from models.errors import UserError
 from trainer.learners.requests import PreferenceData, PreferencePair
 from trainer.ledger import read_records
 from trainer.stages.common import learner_loop
@@ -28,7 +29,8 @@ def run_rm(ctx) -> None:
     cfg = ctx.config
     labels = read_records(ctx.run_dir / "samples" / "labels.jsonl")
     if len(labels) < 2:
-        raise RuntimeError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)}; run the label stage")
+        raise UserError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)} in samples/labels.jsonl; "
+                        f"run the label stage first (run.stages), or raise data.label_prompts")
     train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
     start = ray.get(ctx.learner.setup.remote("rm")).step
     ray.get(ctx.learner.set_data.remote(PreferenceData(train=tuple(map(PreferencePair.from_record, train)),

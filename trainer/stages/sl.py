@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from models.errors import UserError
 from trainer.ledger import Ledger
 from trainer.stages.common import dispatch_prompts, learner_loop
 from trainer.weights import WeightHandle
@@ -59,7 +60,9 @@ def run_sl(ctx) -> None:
                       revised=len(prompts), answered=len(answered))
     examples = sft_data(records)
     if not examples:
-        raise RuntimeError("SL-CAI produced no non-empty revisions to fine-tune on")
+        raise UserError("SL-CAI produced no non-empty revisions to fine-tune on (see samples/sl.jsonl): raise "
+                        "sl.max_new_tokens, use more prompts (data.sl_prompts), or try sl.revision_style: fresh "
+                        "or a larger model")
     start = ray.get(ctx.learner.setup.remote("sl")).step
     ray.get(ctx.learner.set_data.remote(examples))
     learner_loop(ctx, "sl", cfg.sl.sft_steps, start, cfg.checkpoint.every_steps)

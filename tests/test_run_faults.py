@@ -1,0 +1,226 @@
+"""Faults met by a whole `cairl train` run on the tiny config, each injected where a user meets it:
+SIGTERM / SIGINT to the driver (once and twice), SIGKILL inside the SL and RM stages, a learner that dies
+or runs past its timeout — and a run repeated with one seed. Each test checks what was kept: checkpoints,
+ledgers, one metric row per (stage, step), Ray shut down, and where the fault allows it, the same final
+result as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_pipeline import ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from trainer.ledger import read_records
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NO_PERIODIC_SAVES = "checkpoint.every_steps=1000"  # so every checkpoint inside a stage comes from the signal
+VOLATILE = ("time",)  # wall-clock fields; every other metric must repeat exactly
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    rows = read_records(run_dir / "metrics.jsonl")
+    keys = [(r["stage"], r["step"]) for r in rows]
+    assert len(keys) == len(set(keys)), keys  # one row per (stage, step)
+    return rows
+
+
+def _comparable(rows: list[dict]) -> dict:
+    return {(r["stage"], r["step"]): {k: v for k, v in r.items() if k not in VOLATILE and not k.endswith(
+        ("seconds", "tokens_per_s"))} for r in rows}
+
+
+def _final_params(run_dir: Path) -> dict:
+    from models import safetensors_io
+
+    return safetensors_io.load(run_dir / "hf" / "model.safetensors")
+
+
+class Run:
+    """`cairl train` in its own session, so a test can signal the driver alone and then find any process
+    it left behind."""
+
+    def __init__(self, model_dir, runs_dir, *overrides):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.log = Path(runs_dir) / f"driver-{time.monotonic_ns()}.log"
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(train_command(model_dir, runs_dir, *overrides), cwd=ROOT, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, condition, timeout=600):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            assert self.proc.poll() is None, f"the run ended before the fault point: {self.output()[-3000:]}"
+            time.sleep(0.05)
+        raise AssertionError("fault point never reached")
+
+    def signal(self, signum):
+        os.kill(self.proc.pid, signum)  # the driver only, as a scheduler or Ctrl-C on `kill PID` would
+
+    def finish(self, timeout=300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._reap()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def leftovers(self) -> list[str]:
+        """Processes still in the run's session (Ray's GCS, raylet, workers) a few seconds after it ended."""
+        for _ in range(40):
+            found = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(self.proc.pid)], capture_output=True,
+                                   text=True).stdout.split("\n")
+            found = [line for line in found if line.strip()]
+            if not found:
+                return []
+            time.sleep(0.25)
+        return found
+
+    def _reap(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _metric_steps(run_dir: Path, stage: str) -> list[int]:
+    return [r["step"] for r in read_records(run_dir / "metrics.jsonl") if r.get("stage") == stage]
+
+
+def _checkpoint_steps(run_dir: Path, stage: str) -> list[int]:
+    directory = run_dir / "checkpoints" / stage
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):  # noqa: F811
+    """One uninterrupted run: what every interrupted-and-resumed run must end equal to."""
+    runs = tmp_path_factory.mktemp("reference")
+    run_train(tiny_model, runs, NO_PERIODIC_SAVES)
+    return runs / "tiny"
+
+
+def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, reference, tmp_path):  # noqa: F811
+    run_train(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    assert _comparable(_metric_rows(tmp_path / "tiny")) == _comparable(_metric_rows(reference))
+    want, got = _final_params(reference), _final_params(tmp_path / "tiny")
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model, reference, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "tiny"
+    run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    run.wait_for(lambda: len(_metric_steps(run_dir, "ppo")) >= 1)
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 0, run.output()[-4000:]
+    assert "stopped by SIGTERM" in run.output() and "--resume" in run.output()
+    assert run.leftovers() == []  # Ray shut down
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert not stages.get("ppo", {}).get("done")
+    saved = _checkpoint_steps(run_dir, "ppo")
+    assert saved and saved[-1] == max(_metric_steps(run_dir, "ppo"))  # the signal's checkpoint, at the last step
+    run_train(tiny_model, tmp_path, NO_PERIODIC_SAVES, f"--resume={run_dir}")
+    check_finished_run(run_dir)
+    assert _comparable(_metric_rows(run_dir)) == _comparable(_metric_rows(reference))
+    want, got = _final_params(reference), _final_params(run_dir)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_sigint_inside_sl_training_checkpoints_exits_130_and_resumes(tiny_model, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "tiny"
+    run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1)
+    run.signal(signal.SIGINT)
+    assert run.finish() == 130, run.output()[-4000:]
+    assert "stopped by SIGINT" in run.output() and "Traceback" not in run.output()
+    assert run.leftovers() == []
+    assert _checkpoint_steps(run_dir, "sl") == [1]
+    run_train(tiny_model, tmp_path, f"--resume={run_dir}")
+    check_finished_run(run_dir)
+
+
+def test_a_second_signal_exits_at_once_and_the_run_still_resumes(tiny_model, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "tiny"
+    run = Run(tiny_model, tmp_path)
+    run.wait_for(lambda: len(read_records(run_dir / "samples" / "labels.jsonl")) >= 2)
+    run.signal(signal.SIGTERM)
+    run.wait_for(lambda: "saving a checkpoint at the next safe point" in run.output())  # two at once would merge
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 0, run.output()[-4000:]
+    assert "second SIGTERM: exiting now" in run.output()
+    run_train(tiny_model, tmp_path)
+    check_finished_run(run_dir)
+
+
+@pytest.mark.parametrize("stage", ["sl", "rm"])
+def test_killed_inside_sl_or_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path, stage):  # noqa: F811
+    """Killed after step 1 with no checkpoint since step 0: the resumed stage logs step 1 again."""
+    run_dir = tmp_path / "tiny"
+    run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    run.wait_for(lambda: len(_metric_steps(run_dir, stage)) >= 1)
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.finish()
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"stage": "' + stage + '", "step": 2, "tor')  # and a line torn by the kill
+    run_train(tiny_model, tmp_path)
+    check_finished_run(run_dir)
+    rows = _metric_rows(run_dir)
+    assert [r["step"] for r in rows if r["stage"] == "rm"] == [1, 2]
+    assert [r["step"] for r in rows if r["stage"] == "rm_eval"] == [0, 2]
+    from tb_events import scalar_events
+
+    events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
+    assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)]
+
+
+def _learner_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Learner"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "tiny"
+    before = set(_learner_pids())
+    run = Run(tiny_model, tmp_path)
+    run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1 and set(_learner_pids()) - before)
+    for pid in set(_learner_pids()) - before:
+        os.kill(pid, signal.SIGKILL)  # out of memory, as the kernel does it
+    assert run.finish() == 2, run.output()[-4000:]
+    assert "the learner actor died" in run.output() and "Traceback" not in run.output()
+    assert run.leftovers() == []
+
+
+def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):  # noqa: F811
+    run = Run(tiny_model, tmp_path, "ray.learner_timeout_s=0.5")  # a first-step compile takes longer
+    assert run.finish() == 2, run.output()[-4000:]
+    assert "past ray.learner_timeout_s = 0.5 s" in run.output() and "Traceback" not in run.output()
+    assert run.leftovers() == []
+
+
+def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):  # noqa: F811
+    from test_run_inputs import LONG
+
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": LONG + " the end", "uid": "long"}] + [{"prompt": f"how do i help {i}"} for i in range(12)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_train(tiny_model, tmp_path / "runs", f"data.prompts=[{prompts}]", "data.ppo_prompts=4",
+              "run.stages=[sl,label]")
+    records = {r["uid"]: r for r in read_records(tmp_path / "runs" / "tiny" / "samples" / "sl.jsonl")}
+    assert records["long"]["prompt"].endswith("the end") and len(records["long"]["prompt"]) < 1000
