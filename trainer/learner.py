@@ -59,7 +59,8 @@ class Learner:
             devices = devices[: mesh.data * mesh.fsdp * mesh.tensor]
         self.rules = build_mesh_rules(mesh, devices)
         initial = load_checkpoint(config.model.source)
-        self.model_config = initial.config.replace(dtype=config.model.dtype, attention=config.model.attention)
+        self.model_config = initial.config.replace(dtype=config.model.dtype, attention=config.model.attention,
+                                                   remat=config.model.remat)
         check_model(self.rules, self.model_config)
         self.tokenizer = initial.tokenizer
         del initial  # host weights are re-read when a stage needs them, not held for the whole run
