@@ -191,6 +191,9 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     """Run the selected stages of `config` (resuming its run directory if it exists); returns the run dir."""
     validated = validate(config)
+    if config.run.preflight:  # compile the learner's programs for this host first; refuses what will not fit
+        from trainer.plan.preflight import preflight
+        preflight(config)
     run_dir = prepare_run_dir(config, resume)
     from trainer import stages as stage_fns
     from trainer.metrics import MetricsLog

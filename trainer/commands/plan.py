@@ -44,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--margin must be in [0, 1), got {args.margin}")
     config = load_run_config(args.config, args.overrides)
     target = parse_target(args.target)
-    if target.kind != "local" and not os.environ.get("JAX_PLATFORMS"):
+    if target.kind == "local":
+        from trainer.runtime import configure_jax
+
+        configure_jax()  # the persistent compilation cache: the learner then finds these compiles there
+    elif not os.environ.get("JAX_PLATFORMS"):
         import jax
 
         jax.config.update("jax_platforms", "cpu")  # compile-only devices: never open this machine's accelerator

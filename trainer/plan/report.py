@@ -23,7 +23,9 @@ def _gib(n: int) -> str:
 def _seconds(s: float | None) -> str:
     if s is None:
         return "n/a"
-    return f"{s * 1e3:.1f}ms" if s < 1 else f"{s:.2f}s"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g}µs"
+    return f"{s * 1e3:.3g}ms" if s < 1 else f"{s:.3g}s"
 
 
 def format_plan(plan: Plan) -> str:
