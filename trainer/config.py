@@ -41,6 +41,7 @@ class ModelSection:
     # Learner-side full-sequence attention: "cudnn" is cuDNN's fused kernel (NVIDIA GPUs, bfloat16).
     attention: AttentionImpl = "xla"
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~⅓ more FLOPs)
+    scan_layers: bool = False  # run the blocks under lax.scan (deep models compile much faster; see models/config.py)
 
     def __post_init__(self):
         if not self.source:

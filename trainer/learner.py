@@ -60,7 +60,7 @@ class Learner:
         self.rules = build_mesh_rules(mesh, devices)
         initial = load_checkpoint(config.model.source)
         self.model_config = initial.config.replace(dtype=config.model.dtype, attention=config.model.attention,
-                                                   remat=config.model.remat)
+                                                   remat=config.model.remat, scan_layers=config.model.scan_layers)
         check_model(self.rules, self.model_config)
         self.tokenizer = initial.tokenizer
         del initial  # host weights are re-read when a stage needs them, not held for the whole run

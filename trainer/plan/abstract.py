@@ -51,7 +51,8 @@ def plan_model_config(config) -> ModelConfig:
                 f"({', '.join(sorted(PRESETS))}) or a Hugging Face directory's config.json; none found")
         base, _ = hf_io.read_config(path)
     model = config.model
-    return base.replace(dtype=model.dtype, attention=model.attention, remat=model.remat)
+    return base.replace(dtype=model.dtype, attention=model.attention, remat=model.remat,
+                        scan_layers=model.scan_layers)
 
 
 def resolve_mesh_config(mesh: MeshConfig, device_count: int, target_name: str) -> MeshConfig:
