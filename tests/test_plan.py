@@ -216,3 +216,24 @@ def test_llama3_8b_parameters_per_device_on_v5p_by_hand():
     assert model.num_params() == 8_030_261_248
     assert per_device_bytes(states.policy.params) == by_hand
     assert per_device_bytes(states.policy.opt_state) - 2 * by_hand < 64
+
+
+@pytest.mark.plan
+def test_train_refuses_a_run_that_does_not_fit_before_anything_starts(tmp_path):
+    """`cairl train`'s pre-flight on this machine's devices: tiny weights, but a batch of 2^18 rows."""
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_fixtures import write_tiny_model
+
+    from trainer.pipeline import train
+    from trainer.plan.preflight import PreflightError
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    config = load_run_config(TINY, [f"model.source={model_dir}", f"run.runs_dir={tmp_path}", "run.preflight=true",
+                                    "run.stages=[sl]", "sl.batch_size=262144"])
+    with pytest.raises(PreflightError, match=r"This run does not fit local .* sft_update .* Try: .*model.remat=true"):
+        train(config)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "tiny" / "config.yaml").exists()  # no run started
+    assert json.loads((tmp_path / "tiny" / "plan.json").read_text())["fits"] is False

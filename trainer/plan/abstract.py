@@ -74,9 +74,13 @@ def resolve_mesh_config(mesh: MeshConfig, device_count: int, target_name: str) -
     return dataclasses.replace(mesh, **sizes)
 
 
-def plan_mesh_rules(config, devices, target_name: str) -> MeshRules:
-    mesh = resolve_mesh_config(config.model.mesh, len(devices), target_name)
-    return build_mesh_rules(mesh, devices)
+def plan_mesh_rules(config, devices, target_name: str, local: bool = False) -> MeshRules:
+    """The run's mesh over the target's devices. Locally a mesh with no -1 axis takes the first
+    data×fsdp×tensor devices, as the learner does; a remote target must be used whole."""
+    mesh = config.model.mesh
+    if local and -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
+        devices = devices[: min(len(devices), mesh.data * mesh.fsdp * mesh.tensor)]
+    return build_mesh_rules(resolve_mesh_config(mesh, len(devices), target_name), devices)
 
 
 @dataclasses.dataclass(frozen=True)

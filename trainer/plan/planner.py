@@ -122,9 +122,10 @@ def make_plan(config, target: Target, margin: float = DEFAULT_MARGIN, only: tupl
     before each compile (they take seconds to tens of seconds each)."""
     devices = target.devices()
     model = plan_model_config(config)
-    rules = plan_mesh_rules(config, devices, target.name)
+    rules = plan_mesh_rules(config, devices, target.name, local=target.kind == "local")
+    devices = list(rules.mesh.devices.flat)
     states = abstract_states(config, model, rules)
-    capacity = target.capacity_bytes(devices[0])
+    capacity = target.capacity_bytes(devices[0], len(devices))
     budget = None if capacity is None else int(capacity * (1 - margin))
     results = []
     for program in run_programs(config, model, states, rules, only):

@@ -83,6 +83,8 @@ class Target:
 
         if self.kind == "tpu":
             _require("libtpu", "a TPU target needs libtpu: pip install -e '.[plan]'")
+            # libtpu locks /tmp/libtpu_lockfile so one process owns the chips; compile-only use owns none.
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{self.chip}:{self.topology}",
                                                     num_slices=self.slices)
         else:
@@ -91,17 +93,16 @@ class Target:
             topology = topologies.get_topology_desc(platform="cuda", topology=self.topology, target_config=text)
         return list(topology.devices)
 
-    def capacity_bytes(self, device) -> int | None:
-        """Memory one device may use: the chip's HBM, the device's own limit, or (CPU) its share of host RAM."""
+    def capacity_bytes(self, device, devices_in_use: int) -> int | None:
+        """Memory one device may use: the chip's HBM, the device's own limit, or (CPU devices, which all
+        share the host's RAM) RAM ÷ the devices the mesh uses."""
         if self.spec is not None:
             return self.spec.hbm_bytes
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if stats and stats.get("bytes_limit"):
             return int(stats["bytes_limit"])
         if device.platform == "cpu":
-            import jax
-
-            return _host_memory_bytes() // max(len(jax.local_devices()), 1)
+            return _host_memory_bytes() // devices_in_use
         return None
 
 
