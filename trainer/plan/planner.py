@@ -44,7 +44,8 @@ class ProgramPlan:
     total_bytes: int  # peak + resident: what the device must hold
     flops: float  # per device
     est_seconds: float | None
-    compile_seconds: float
+    compile_seconds: float  # wall clock
+    compile_cpu_seconds: float  # this process's CPU time: comparable across loaded and idle machines
     fits: bool
     compiler_error: str = ""  # a refusal by the compiler (TPU: out of HBM)
 
@@ -85,7 +86,7 @@ def compile_program(program: Program, target: Target, devices: int, budget: int 
     """Lower and compile one program; measure it, or keep the compiler's refusal."""
     resident = sum(per_device_bytes(s) for s in program.others)
     params, opt = per_device_bytes(program.params), per_device_bytes(program.opt_state)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     error = ""
     try:
         compiled = program.lower().compile()
@@ -102,7 +103,7 @@ def compile_program(program: Program, target: Target, devices: int, budget: int 
         argument, output = params + opt, 0
         temp = _parse_hbm_error(str(err)) or 0
         peak = argument + temp
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     total = peak + resident
     flops = program.flops / devices
     traffic = argument + output + temp + (program.steps - 1) * argument
@@ -113,7 +114,8 @@ def compile_program(program: Program, target: Target, devices: int, budget: int 
     return ProgramPlan(name=program.name, stage=program.stage, shape=program.shape, param_bytes=params,
                        opt_state_bytes=opt, argument_bytes=argument, output_bytes=output, temp_bytes=temp,
                        peak_bytes=peak, resident_bytes=resident, total_bytes=total, flops=flops, est_seconds=est,
-                       compile_seconds=round(seconds, 2), fits=fits, compiler_error=error)
+                       compile_seconds=round(seconds, 2),
+                       compile_cpu_seconds=round(cpu_seconds, 2), fits=fits, compiler_error=error)
 
 
 def make_plan(config, target: Target, margin: float = DEFAULT_MARGIN, only: tuple[str, ...] = (),
