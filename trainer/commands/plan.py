@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
     path = write_plan_json(plan, Path(args.out))
     log.info("wrote %s", path)
     if not plan.fits:
-        print(refusal(plan, config))
+        print(refusal(plan))
         return 2
     return 0

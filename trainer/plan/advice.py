@@ -24,7 +24,7 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def _fsdp_advice(plan: Plan, worst: ProgramPlan, config) -> str | None:
+def _fsdp_advice(plan: Plan, worst: ProgramPlan) -> str | None:
     mesh = plan.mesh
     state = worst.param_bytes + worst.opt_state_bytes + worst.resident_bytes
     rest = worst.total_bytes - state
@@ -41,12 +41,12 @@ def _fsdp_advice(plan: Plan, worst: ProgramPlan, config) -> str | None:
     return None
 
 
-def advise(plan: Plan, config) -> list[str]:
+def advise(plan: Plan) -> list[str]:
     """Suggestions for the program that overshoots the budget most."""
     worst = max(plan.programs, key=lambda p: p.total_bytes)
     budget = plan.budget_bytes
     tips = []
-    fsdp = _fsdp_advice(plan, worst, config)
+    fsdp = _fsdp_advice(plan, worst)
     if fsdp:
         tips.append(fsdp)
     if worst.name in TRAINING and not plan.model["remat"]:
@@ -73,7 +73,7 @@ def advise(plan: Plan, config) -> list[str]:
     return tips
 
 
-def refusal(plan: Plan, config) -> str:
+def refusal(plan: Plan) -> str:
     """One paragraph: what does not fit, by how much, and what to change."""
     over = [p for p in plan.programs if not p.fits]
     worst = max(over, key=lambda p: p.total_bytes)
@@ -85,5 +85,5 @@ def refusal(plan: Plan, config) -> str:
         f"{'×'.join(f'{k}={v}' for k, v in plan.mesh.items())}): {names} over budget. The largest, {worst.name} "
         f"({worst.shape}), needs {gib(worst.total_bytes)} per device: parameters {gib(worst.param_bytes)}, "
         f"optimizer state {gib(worst.opt_state_bytes)}, temporaries {gib(worst.temp_bytes)}, other models resident "
-        f"{gib(worst.resident_bytes)}.{refused} Try: " + "; ".join(advise(plan, config)) + "."
+        f"{gib(worst.resident_bytes)}.{refused} Try: " + "; ".join(advise(plan)) + "."
     )

@@ -16,7 +16,6 @@ device with every PPO model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -138,7 +137,7 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
 
 def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: MeshRules, others) -> Program:
     """The rollout sampler's prefill + decode loop for the PPO rollout bucket (models/sampler.py)."""
-    from models.sampler import Buckets, _generate_program, _Static
+    from models.sampler import Buckets, bucket_program
     from models.sampling import SamplingParams
 
     buckets = Buckets()
@@ -148,8 +147,7 @@ def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: 
     b = buckets.batch_size(config.rollout.batch_size, batch_multiple)
     p = buckets.prompt_length(config.data.max_prompt_tokens)
     n = buckets.new_token_count(config.ppo.max_new_tokens)
-    static = _Static(mode=params.mode(model.vocab_size), num_new=n, stop_ids=(0,), pad_id=0, out_major_decode=False)
-    program = jax.jit(functools.partial(_generate_program, states.llama_graphdef, static, rules))
+    program = bucket_program(states.llama_graphdef, rules, params.mode(model.vocab_size), n, stop_ids=(0,), pad_id=0)
     rows = _batch(rules, {"prompt": ((b, p), jnp.int32), "mask": ((b, p), jnp.bool_), "max_new": ((b,), jnp.int32)})
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows["max_new"].sharding)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from trainer.plan.planner import Plan
 
-GIB = 1 << 30
 COLUMNS = ("program", "stage", "params", "opt state", "temp", "peak", "+resident", "total", "TFLOPs", "est. time",
            "compile", "fits")
 
