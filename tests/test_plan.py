@@ -197,6 +197,14 @@ def test_an_oversized_run_is_refused_with_numbers_and_advice(tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["fits"] is False
 
 
+@needs_libtpu
+def test_a_topology_libtpu_does_not_make_names_those_that_work():
+    from trainer.plan.targets import TargetError, parse_target
+
+    with pytest.raises(TargetError, match=r"no v5e topology '3x5'.*topologies that work: v4:2x2x2, v5e:2x2"):
+        parse_target("tpu:v5e:3x5").devices()
+
+
 @pytest.mark.plan
 @needs_libtpu
 def test_llama3_8b_parameters_per_device_on_v5p_by_hand():

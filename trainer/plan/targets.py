@@ -50,6 +50,7 @@ KNOWN_CHIPS: dict[str, ChipSpec] = {
     "h200": ChipSpec("NVIDIA H200 SXM", 989e12, 4.8e12, 141 * 10**9),
 }
 TPU_CHIPS = ("v4", "v5e", "v5p", "v6e")
+KNOWN_TOPOLOGIES = ("v4:2x2x2", "v5e:2x2", "v5e:4x4", "v5e:8x8", "v5p:4x4x4", "v5p:8x16x16", "v6e:8x8", "v6e:16x16")
 GPU_CHIPS = tuple(sorted(p.stem for p in GPU_SPECS.glob("*.txtpb")))
 GPUS_PER_HOST = 8
 
@@ -85,8 +86,13 @@ class Target:
             _require("libtpu", "a TPU target needs libtpu: pip install -e '.[plan]'")
             # libtpu locks /tmp/libtpu_lockfile so one process owns the chips; compile-only use owns none.
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-            topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{self.chip}:{self.topology}",
-                                                    num_slices=self.slices)
+            try:
+                topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{self.chip}:{self.topology}",
+                                                        num_slices=self.slices)
+            except Exception as err:  # noqa: BLE001 - libtpu's own words for a shape it does not make
+                raise TargetError(f"--target {self.name}: libtpu has no {self.chip} topology {self.topology!r} "
+                                  f"({str(err).strip().splitlines()[0][:200]}); topologies that work: "
+                                  f"{', '.join(KNOWN_TOPOLOGIES)}") from None
         else:
             _require("jax_cuda12_plugin", "a GPU target needs the CUDA plugin (no GPU needed): make plan-deps")
             text = (GPU_SPECS / f"{self.chip}.txtpb").read_text(encoding="utf-8")
