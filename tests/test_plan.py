@@ -42,7 +42,7 @@ def test_targets_parse_and_name_what_is_known():
     gpus = parse_target("gpu:h200x16")
     assert (gpus.chip, gpus.topology, gpus.count) == ("h200", "1x2x8", 16)
     assert parse_target("local").kind == "local"
-    with pytest.raises(TargetError, match="known TPU chips: v4, v5e, v5p, v6e"):
+    with pytest.raises(TargetError, match="known TPU chips: v5e, v5p, v6e"):
         parse_target("tpu:v9z:4x4")
     with pytest.raises(TargetError, match="known GPUs: h100, h200"):
         parse_target("gpu:a999x8")
@@ -201,7 +201,7 @@ def test_an_oversized_run_is_refused_with_numbers_and_advice(tmp_path):
 def test_a_topology_libtpu_does_not_make_names_those_that_work():
     from trainer.plan.targets import TargetError, parse_target
 
-    with pytest.raises(TargetError, match=r"no v5e topology '3x5'.*topologies that work: v4:2x2x2, v5e:2x2"):
+    with pytest.raises(TargetError, match=r"no v5e topology '3x5'.*topologies that work: v5e:2x2, v5e:4x4"):
         parse_target("tpu:v5e:3x5").devices()
 
 

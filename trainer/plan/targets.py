@@ -41,7 +41,6 @@ class ChipSpec:
 
 KNOWN_CHIPS: dict[str, ChipSpec] = {
     # TPU generation name as get_topology_desc spells it.
-    "v4": ChipSpec("TPU v4", 275e12, 1.2e12, 32 * GIB),
     "v5e": ChipSpec("TPU v5e", 197e12, 819e9, 16 * GIB),
     "v5p": ChipSpec("TPU v5p", 459e12, 2.76e12, 95 * GIB),
     "v6e": ChipSpec("TPU v6e", 918e12, 1.64e12, 32 * GIB),
@@ -49,8 +48,9 @@ KNOWN_CHIPS: dict[str, ChipSpec] = {
     "h100": ChipSpec("NVIDIA H100 SXM", 989e12, 3.35e12, 80 * 10**9),
     "h200": ChipSpec("NVIDIA H200 SXM", 989e12, 4.8e12, 141 * 10**9),
 }
-TPU_CHIPS = ("v4", "v5e", "v5p", "v6e")
-KNOWN_TOPOLOGIES = ("v4:2x2x2", "v5e:2x2", "v5e:4x4", "v5e:8x8", "v5p:4x4x4", "v5p:8x16x16", "v6e:8x8", "v6e:16x16")
+# (v4 is left out: its compile-only topology counts two devices per chip, so per-chip figures would mislead.)
+TPU_CHIPS = ("v5e", "v5p", "v6e")
+KNOWN_TOPOLOGIES = ("v5e:2x2", "v5e:4x4", "v5e:8x8", "v5p:4x4x4", "v5p:8x16x16", "v6e:8x8", "v6e:16x16")
 GPU_CHIPS = tuple(sorted(p.stem for p in GPU_SPECS.glob("*.txtpb")))
 GPUS_PER_HOST = 8
 
