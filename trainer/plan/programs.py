@@ -167,4 +167,10 @@ def run_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     for stage in STAGE_ORDER:
         if stage in config.run.stages:
             programs += PROGRAMS_BY_STAGE[stage](config, model, states, rules)
+    unknown = sorted(set(only) - {p.name for p in programs})
+    if unknown:
+        from trainer.plan.abstract import PlanInputError
+
+        raise PlanInputError(f"--only {' '.join(unknown)}: not a program of this run's stages "
+                             f"({', '.join(config.run.stages)}); its programs: {', '.join(p.name for p in programs)}")
     return [p for p in programs if not only or p.name in only]
