@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest
 # 2 cores: let XLA and torch use both, not oversubscribe.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-all bench clean-venv
+.PHONY: demo test test-slow test-plan plan-deps test-all bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,21 @@ demo: $(STAMP)
 
 # The fast default suite: tiny models, 8 fake CPU devices.
 test: $(STAMP)
-	$(PYTEST) -m "not slow and not real_model and not ray and not multiprocess" -q
+	$(PYTEST) -m "not slow and not real_model and not ray and not multiprocess and not plan" -q
 
 # Real model, Ray clusters, several JAX processes: CI runs these too.
 test-slow: $(STAMP)
 	$(PYTEST) -m "slow or real_model or ray or multiprocess" -q
+
+# `cairl plan` for targets that are not here: libtpu (the [plan] extra) and the CUDA plugin without
+# its CUDA libraries (--no-deps: compiling for a GPU needs none of them).
+plan-deps: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,plan]'
+	$(BIN)/pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+
+# Compiles for local fake devices, TPU slices and GPUs (a few minutes on 2 cores).
+test-plan: plan-deps
+	$(PYTEST) -m plan -q
 
 test-all: $(STAMP)
 	$(PYTEST) -q

@@ -55,6 +55,11 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # master copy of the weights
     remat: bool = False  # recompute each block's activations in the backward pass
+    # Full sequences (training, scoring) run the blocks as one `lax.scan` over their parameters stacked
+    # per step: XLA compiles one block instead of num_layers (deep models compile minutes faster). The
+    # parameter tree keeps one entry per layer (checkpoints and HF names unchanged); the stacked copy
+    # costs one extra parameter-sized buffer. Cached decode stays unrolled.
+    scan_layers: bool = False
     attention: AttentionImpl = "xla"
 
     def __post_init__(self):

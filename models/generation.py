@@ -191,6 +191,15 @@ def _generate_program(graphdef, static: _Static, mesh_rules: MeshRules | None, s
     return out
 
 
+def bucket_program(graphdef, mesh_rules: MeshRules | None, mode: SamplingMode, num_new: int,
+                   stop_ids: Sequence[int], pad_id: int):
+    """The jitted prefill + decode program of one bucket and sampling mode, unbound to any weights:
+    `(state, prompt_BxP, prompt_mask_BxP, max_new_B, keys_B, temperature, top_p) -> outputs`.
+    For compiling ahead of time (`cairl plan`); `Sampler` builds the same program per bucket."""
+    static = _Static(mode=mode, num_new=num_new, stop_ids=tuple(stop_ids), pad_id=pad_id, out_major_decode=False)
+    return jax.jit(lambda *args: _generate_program(graphdef, static, mesh_rules, *args))
+
+
 class Sampler:
     """Generates responses from a `Llama` with one compiled program per shape bucket and sampling mode.
 

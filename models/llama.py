@@ -231,6 +231,8 @@ class Llama(nnx.Module):
         dt = jnp.dtype(self.config.dtype)
         x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
         x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"), self.mesh_rules)
+        if self.config.scan_layers and cache is None:
+            return self.final_norm(self._scanned_blocks(x_BxTxD, positions_BxT, key_valid_BxS)), None
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -242,6 +244,20 @@ class Llama(nnx.Module):
             new_layers.append(layer_cache)
         new_cache = None if cache is None else KVCache(tuple(new_layers), key_valid_BxS)
         return self.final_norm(x_BxTxD), new_cache
+
+    def _scanned_blocks(self, x_BxTxD, positions_BxT, key_valid_BxS) -> jax.Array:
+        """Every block as one `lax.scan` step over the blocks' parameters stacked along a new leading
+        axis (see ModelConfig.scan_layers); gradients flow back through the stack to each layer."""
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked_L = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in self.blocks))
+
+        def step(x_BxTxD, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            return block(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0], None
+
+        if self.config.remat:
+            step = jax.checkpoint(step)
+        return jax.lax.scan(step, x_BxTxD, stacked_L)[0]
 
     def logits(self, hidden_BxTxD: jax.Array, out_major: bool = False) -> jax.Array:
         """fp32 logits. `out_major` (decode steps on CPU): a tied (V, D) embedding is already

@@ -131,21 +131,26 @@ def test_decode_with_cache_equals_full_forward(out_major):
     np.testing.assert_allclose(np.asarray(decoded_BxTxV)[1], np.asarray(full_BxTxV)[1], atol=5e-5, rtol=0)
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("changes", [{"remat": True}, {"scan_layers": True}, {"scan_layers": True, "remat": True}],
+                         ids=["remat", "scan_layers", "scan_layers+remat"])
+def test_remat_and_scan_layers_give_the_same_loss_and_gradients(changes):
     params = random_params(PRESETS["tiny"], seed=2)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 10)))
 
-    def loss_and_grads(remat):
-        model = build_llama(PRESETS["tiny"].replace(remat=remat), params)
+    def loss_and_grads(config):
+        model = build_llama(config, params)
 
         def loss(m):
             logits = m(tokens[:, :-1])
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
 
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-        return value, jax.tree.leaves(grads)
+        return value, grads
 
-    (l0, g0), (l1, g1) = loss_and_grads(False), loss_and_grads(True)
+    (l0, g0), (l1, g1) = loss_and_grads(PRESETS["tiny"]), loss_and_grads(PRESETS["tiny"].replace(**changes))
+    # Same parameter tree either way: checkpoints and HF names do not depend on these settings.
+    assert [p for p, _ in nnx.to_flat_state(g0)] == [p for p, _ in nnx.to_flat_state(g1)]
+    g0, g1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(g0, g1):
         np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-5)  # fusion-order float noise

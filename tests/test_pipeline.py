@@ -72,9 +72,10 @@ def check_finished_run(run_dir: Path, config_overrides=()):
 
 
 def test_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
-    proc = run_train(tiny_model, tmp_path)
+    proc = run_train(tiny_model, tmp_path, "run.preflight=true")
     assert "sl train" in proc.stderr and "ppo" in proc.stderr  # progress bars on stderr
     check_finished_run(tmp_path / "tiny")
+    assert json.loads((tmp_path / "tiny" / "plan.json").read_text())["fits"] is True  # the pre-flight plan
     # The exported policy loads back as a model source.
     from models.sources import load_checkpoint
 

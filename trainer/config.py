@@ -45,6 +45,8 @@ class ModelSection:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # learner mesh (rollout workers: one device)
     # Learner-side full-sequence attention: "cudnn" is cuDNN's fused kernel (NVIDIA GPUs, bfloat16).
     attention: AttentionImpl = "xla"
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~⅓ more FLOPs)
+    scan_layers: bool = False  # run the blocks under lax.scan (deep models compile much faster; see models/config.py)
 
     def __post_init__(self):
         if not self.source:
@@ -193,6 +195,7 @@ class RunSection:
     stages: tuple[Stage, ...] = STAGES  # which stages to run, in this order
     export: bool = True  # write hf/ with the final policy
     max_nonfinite_updates: int = 5  # stop (checkpoint saved) after this many updates in a row were skipped as non-finite
+    preflight: bool = True  # before Ray starts: compile the learner's steps for its devices, refuse what will not fit
 
     def __post_init__(self):
         if self.max_nonfinite_updates < 1:

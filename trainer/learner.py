@@ -39,7 +39,8 @@ class Learner:
             devices = devices[: mesh.data * mesh.fsdp * mesh.tensor]
         rules = build_mesh_rules(mesh, devices)
         initial = load_checkpoint(config.model.source)  # its host weights are dropped at once: stages load their own
-        model_config = initial.config.replace(dtype=config.model.dtype, attention=config.model.attention)
+        model_config = initial.config.replace(dtype=config.model.dtype, attention=config.model.attention,
+                                              remat=config.model.remat, scan_layers=config.model.scan_layers)
         check_model(rules, model_config)
         self.ctx = LearnerContext(config=config, run_dir=Path(run_dir), rules=rules, model_config=model_config,
                                   tokenizer=initial.tokenizer)

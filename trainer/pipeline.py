@@ -267,6 +267,9 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
 
     validated = validate(config)
     prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
+    if config.run.preflight:  # compile the learner's programs for this host first; refuses what will not fit
+        from trainer.plan.preflight import preflight
+        preflight(config)
     run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
     from trainer import stages as stage_fns
     from trainer.health import LearnerWatch

@@ -1,0 +1,89 @@
+"""What to change when a plan does not fit, computed from the worst program's own figures.
+
+Each suggestion is a config override with the figure it should bring the program to:
+  more fsdp     states (params + optimizer) shrink by fsdp_old / fsdp_new
+  remat         temporaries of a training step shrink to about 1/L (one block's activations kept)
+  micro-batch   temporaries of a training step shrink by the accumulation factor
+  bigger slice  devices × need / budget, rounded up to a power of two
+  LoRA          (not built yet) optimizer state only for the adapters
+"""
+
+from __future__ import annotations
+
+import math
+
+from trainer.plan.planner import Plan, ProgramPlan
+
+GIB = 1 << 30
+_OPTIMIZER_KEYS = {"sl": ("sl.optimizer",), "rm": ("rm.optimizer",),
+                   "ppo": ("ppo.policy_optimizer", "ppo.value_optimizer")}
+TRAINING = ("sft_update", "rm_update", "ppo_update")
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _fsdp_advice(plan: Plan, worst: ProgramPlan) -> str | None:
+    mesh = plan.mesh
+    state = worst.param_bytes + worst.opt_state_bytes + worst.resident_bytes
+    rest = worst.total_bytes - state
+    room = plan.devices // mesh["tensor"]
+    for fsdp in range(mesh["fsdp"] + 1, room + 1):
+        if room % fsdp:
+            continue
+        need = rest + state * mesh["fsdp"] / fsdp
+        if need <= plan.budget_bytes:
+            return (f"model.mesh.fsdp={fsdp} model.mesh.data=-1 (parameters, optimizer state and frozen models split "
+                    f"{fsdp} ways: about {gib(need)})")
+    if mesh["fsdp"] < room:
+        return f"model.mesh.fsdp={room} model.mesh.data=-1 (every device splits the states; not enough alone)"
+    return None
+
+
+def advise(plan: Plan) -> list[str]:
+    """Suggestions for the program that overshoots the budget most."""
+    worst = max(plan.programs, key=lambda p: p.total_bytes)
+    budget = plan.budget_bytes
+    tips = []
+    fsdp = _fsdp_advice(plan, worst)
+    if fsdp:
+        tips.append(fsdp)
+    if worst.name in TRAINING and not plan.model["remat"]:
+        layers = plan.model["layers"]
+        tips.append(f"model.remat=true (temporaries {gib(worst.temp_bytes)} → about {gib(worst.temp_bytes / layers)}, "
+                    f"~⅓ more FLOPs)")
+    if worst.name in TRAINING:
+        keys = _OPTIMIZER_KEYS[worst.stage]
+        over = worst.total_bytes - budget
+        factor = 2 ** max(1, math.ceil(math.log2(max(worst.temp_bytes, 1) / max(worst.temp_bytes - over, 1))))
+        if worst.temp_bytes > over:
+            tips.append(" ".join(f"{k}.grad_accum_steps={factor}" for k in keys)
+                        + f" (micro-batches of 1/{factor}: temporaries about {gib(worst.temp_bytes / factor)})")
+        else:
+            tips.append(" ".join(f"{k}.grad_accum_steps=2" for k in keys)
+                        + " (smaller micro-batches; the states alone exceed the budget)")
+    if worst.name == "rollout_sampler":
+        tips.append("rollout.batch_size or ppo.max_new_tokens smaller (the KV cache grows with both)")
+    devices = 2 ** math.ceil(math.log2(plan.devices * worst.total_bytes / budget))
+    if devices > plan.devices:
+        tips.append(f"a bigger slice: about {devices} devices hold {gib(worst.total_bytes * plan.devices / devices)} "
+                    f"each at this mesh's proportions")
+    tips.append("LoRA adapters (not built yet in cairl) would keep optimizer state for the adapters only")
+    return tips
+
+
+def refusal(plan: Plan) -> str:
+    """One paragraph: what does not fit, by how much, and what to change."""
+    over = [p for p in plan.programs if not p.fits]
+    worst = max(over, key=lambda p: p.total_bytes)
+    names = ", ".join(p.name for p in over)
+    refused = f" The compiler refused it: {worst.compiler_error}" if worst.compiler_error else ""
+    return (
+        f"This run does not fit {plan.target} ({plan.devices} × {plan.device}, {gib(plan.capacity_bytes)} each, "
+        f"budget {gib(plan.budget_bytes)} after a {plan.margin:.0%} margin, mesh "
+        f"{'×'.join(f'{k}={v}' for k, v in plan.mesh.items())}): {names} over budget. The largest, {worst.name} "
+        f"({worst.shape}), needs {gib(worst.total_bytes)} per device: parameters {gib(worst.param_bytes)}, "
+        f"optimizer state {gib(worst.opt_state_bytes)}, temporaries {gib(worst.temp_bytes)}, other models resident "
+        f"{gib(worst.resident_bytes)}.{refused} Try: " + "; ".join(advise(plan)) + "."
+    )
