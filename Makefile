@@ -29,18 +29,27 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTEST) -m "slow or real_model or ray or multiprocess" -q
 
-# `cairl plan` for targets that are not here: libtpu (the [plan] extra) and the CUDA plugin without
-# its CUDA libraries (--no-deps: compiling for a GPU needs none of them).
-plan-deps: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,plan]'
-	$(BIN)/pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+# `cairl plan` for targets that are not here, in a venv of its own (.venv-plan) so that the other
+# suites keep XLA:CPU's own settings: libtpu (the [plan] extra) and the CUDA plugin without its CUDA
+# libraries (--no-deps: compiling for a GPU needs none of them).
+PLAN_VENV := .venv-plan
+PLAN_STAMP := $(PLAN_VENV)/.installed-stamp
+
+$(PLAN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PLAN_VENV)
+	$(PLAN_VENV)/bin/pip install --quiet --upgrade pip
+	$(PLAN_VENV)/bin/pip install --quiet -e '.[plan]' pytest pytest-timeout
+	$(PLAN_VENV)/bin/pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+	touch $(PLAN_STAMP)
+
+plan-deps: $(PLAN_STAMP)
 
 # Compiles for local fake devices, TPU slices and GPUs (a few minutes on 2 cores).
-test-plan: plan-deps
-	$(PYTEST) -m plan -q
+test-plan: $(PLAN_STAMP)
+	$(PLAN_VENV)/bin/python -m pytest -m plan -q
 
 test-all: $(STAMP)
 	$(PYTEST) -q
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PLAN_VENV)
