@@ -1,0 +1,38 @@
+"""`helpful`: held-out helpful requests (shipped: trainer/data/eval_helpful.jsonl, written by us).
+
+Metrics:
+  win_rate      against the baseline model's replies to the same prompts: the judge's
+                p(model's reply better) with both answer orders averaged (the label stage's question),
+                per prompt win = 1 if p > 0.5, 0.5 if p = 0.5 (a tie counts half), 0 otherwise;
+                the mean over prompts. Measured only when there is a baseline (0.5 = as good).
+  mean_words    mean reply length in words (whitespace-separated), a check on evasive short answers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.eval.data import load_prompts
+from trainer.eval.results import MetricSample
+from trainer.eval.stats import win_value
+from trainer.eval.suites import ModelUnderTest, SuiteContext, SuiteOutput
+
+
+def run(model: ModelUnderTest, ctx: SuiteContext) -> SuiteOutput:
+    prompts = load_prompts(ctx.config, "helpful")
+    texts, uids = [p.text for p in prompts], tuple(p.uid for p in prompts)
+    replies = model.generate(texts)
+    metrics = {"mean_words": MetricSample(np.array([len(r.split()) for r in replies], np.float64), uids,
+                                          description="mean reply length in words")}
+    samples = [{"suite": "helpful", "uid": u, "prompt": t, "reply": r} for u, t, r in zip(uids, texts, replies)]
+    notes = []
+    if ctx.baseline is None or ctx.baseline is model:
+        notes.append("helpful win_rate: measured against a baseline only (give --baseline)")
+        return SuiteOutput(metrics, samples, notes)
+    reference = ctx.baseline.generate(texts)
+    p_better = ctx.judge.preference(texts, replies, reference)
+    metrics["win_rate"] = MetricSample(win_value(p_better), uids, reference=0.5,
+                                       description=f"judge prefers the reply over {ctx.baseline.source}'s")
+    for sample, ref, p in zip(samples, reference, p_better):
+        sample.update(baseline_reply=ref, p_better=float(p))
+    return SuiteOutput(metrics, samples, notes)
