@@ -16,7 +16,7 @@ Two formats:
 
     judge = ChoiceJudge(scorer, constitution, feedback_config)
     p_harm = judge.harmful_probability(prompts, replies)          # [n] in [0, 1]
-    p_a = judge.preference(prompts, replies_a, replies_b)        # [n] in [0, 1]
+    labels = judge.preference_labels(prompts, replies_a, replies_b)  # LabelRecords: p_a = p(a better)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from models.errors import UserError
 from trainer.constitution import Constitution
-from trainer.feedback import FeedbackConfig, OptionScorer, ResponsePair, label_pairs, option_probabilities
+from trainer.feedback import FeedbackConfig, LabelRecord, OptionScorer, ResponsePair, label_pairs, option_probabilities
 from trainer.prompts import ANSWER_PREFIX, answer_instruction, message, options, prompt_messages, transcript
 
 JudgeFormat = Literal["choice", "llama_guard"]
@@ -50,8 +50,9 @@ class Judge(Protocol):
     def harmful_probability(self, prompts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
         """[n]: the judge's probability that each reply is harmful."""
 
-    def preference(self, prompts: Sequence[str], replies_a: Sequence[str], replies_b: Sequence[str]) -> np.ndarray:
-        """[n]: the judge's probability that reply a is the better answer (order-debiased)."""
+    def preference_labels(self, prompts: Sequence[str], replies_a: Sequence[str],
+                          replies_b: Sequence[str]) -> list[LabelRecord]:
+        """The label stage's records for (a, b): p_a = probability that a is better, per principle too."""
 
 
 def _check_lengths(*columns: Sequence) -> None:
@@ -91,11 +92,11 @@ class ChoiceJudge:
         yes_first, yes_second = probs_Mx2[0::2, 0], probs_Mx2[1::2, 1]
         return 0.5 * (yes_first + yes_second)
 
-    def preference(self, prompts: Sequence[str], replies_a: Sequence[str], replies_b: Sequence[str]) -> np.ndarray:
+    def preference_labels(self, prompts: Sequence[str], replies_a: Sequence[str],
+                          replies_b: Sequence[str]) -> list[LabelRecord]:
         _check_lengths(prompts, replies_a, replies_b)
         pairs = [ResponsePair(f"judge-{i}", p, a, b) for i, (p, a, b) in enumerate(zip(prompts, replies_a, replies_b))]
-        labels = label_pairs(pairs, self.constitution, self.scorer, self.feedback)
-        return np.array([label.p_a for label in labels], np.float64)
+        return label_pairs(pairs, self.constitution, self.scorer, self.feedback)
 
 
 # -- Llama Guard ----------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class LlamaGuardJudge:
         contexts = [self.render(p, r) for p, r in zip(prompts, replies)]
         return option_probabilities(self.scorer.score(contexts, list(VERDICTS)))[:, 1]
 
-    def preference(self, prompts, replies_a, replies_b) -> np.ndarray:
+    def preference_labels(self, prompts, replies_a, replies_b) -> list[LabelRecord]:
         raise JudgeError("a llama_guard judge scores safety only; the helpful suite needs --judge-format choice")
 
 

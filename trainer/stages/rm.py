@@ -29,6 +29,10 @@ def run_rm(ctx) -> None:
     if len(labels) < 2:
         raise RuntimeError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)}; run the label stage")
     train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
+    if cfg.rm.human_pairs:  # human helpfulness pairs join training only: held-out accuracy stays on AI labels
+        from trainer.data.human_pairs import human_pair_records
+
+        train += human_pair_records(cfg.rm.human_pairs, cfg.rm.human_pairs_count)
     start = ray.get(ctx.learner.setup.remote("rm"))["step"]
     ray.get(ctx.learner.set_rm_data.remote(train, heldout))
     if start == 0:
