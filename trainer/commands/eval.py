@@ -82,7 +82,7 @@ def run(args) -> int:
     from trainer.eval.local import build_judge, feedback_config_of, policy_under_test
     from trainer.eval.report import markdown_report, write_outputs
     from trainer.eval.runner import JUDGED_SUITES, evaluate
-    from trainer.eval.sources import load_policy, load_preference_model
+    from trainer.eval.sources import load_policy, load_preference_model, underlying_source
     from trainer.eval.suites import SuiteContext
 
     config = EvalConfig(suites=tuple(s.strip() for s in args.suites.split(",") if s.strip()),
@@ -108,7 +108,7 @@ def run(args) -> int:
     if any(s in JUDGED_SUITES for s in config.suites):
         judge_source = config.judge or run_base or args.baseline or args.model
         judge, judge_info = build_judge(policy(judge_source), judge_source, config.judge_format, constitution, feedback,
-                                        evaluated=[args.model, args.baseline or args.model])
+                                        evaluated=[underlying_source(s) for s in (args.model, args.baseline) if s])
         if judge_info.format == "llama_guard" and "helpful" in config.suites and baseline is not None:
             raise JudgeError(f"judge {judge_source} uses the llama_guard format, which scores safety only; the helpful "
                              f"suite's win rate needs a multiple-choice judge: run it with --judge-format choice")
@@ -118,8 +118,7 @@ def run(args) -> int:
     ctx = SuiteContext(config, constitution, feedback, judge=judge, preference_model=preference_model, baseline=baseline)
     baseline_result, samples = None, []
     if baseline is not None:
-        baseline_result, samples = evaluate(baseline, SuiteContext(config, constitution, feedback, judge=judge,
-                                                                   preference_model=preference_model), judge_info)
+        baseline_result, samples = evaluate(baseline, ctx, judge_info)
     result, model_samples = evaluate(model, ctx, judge_info)
     paths = write_outputs(Path(args.out), result, baseline_result, samples + model_samples, config.bootstrap_seed)
     results = [baseline_result, result] if baseline_result is not None else [result]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from trainer.eval.judge import ChoiceJudge, LlamaGuardJudge, detect_format
 from trainer.eval.results import JudgeInfo
+from trainer.eval.sources import underlying_source
 from trainer.eval.suites import ModelUnderTest, memoized
 from trainer.feedback import FeedbackConfig, LlamaOptionScorer
 
@@ -36,11 +37,12 @@ def policy_under_test(policy, source: str, max_new_tokens: int) -> ModelUnderTes
 
 def build_judge(policy, source: str, requested_format: str, constitution, feedback: FeedbackConfig,
                 evaluated: Sequence[str]):
-    """(Judge, JudgeInfo) for a loaded judge policy; `evaluated` names the models it will judge."""
+    """(Judge, JudgeInfo) for a loaded judge policy; `evaluated` names the models it will judge
+    (as `underlying_source` names them, so that a run's base stage is recognised as its base model)."""
     judge_format = detect_format(requested_format, source, policy.tokenizer)
     scorer = LlamaOptionScorer(policy.model, policy.tokenizer)
     if judge_format == "llama_guard":
         judge = LlamaGuardJudge(scorer, policy.tokenizer, source)
     else:
         judge = ChoiceJudge(scorer, constitution, feedback)
-    return judge, JudgeInfo(source=source, format=judge_format, self_judged=source in evaluated)
+    return judge, JudgeInfo(source=source, format=judge_format, self_judged=underlying_source(source) in evaluated)

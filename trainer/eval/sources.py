@@ -144,3 +144,11 @@ def load_preference_model(source: str) -> PreferenceModel:
     params = _restore_stage_params(run_stage.run_dir, "rm", factory)
     return PreferenceModel(build_module(factory, params, source=source), initial.tokenizer, source)
 
+
+
+def underlying_source(source: str) -> str:
+    """The model source a name stands for: a run's base stage is its config's model.source."""
+    run_stage = parse_run_stage(source)
+    if run_stage is not None and run_stage.stage == "base":
+        return _run_config(run_stage.run_dir).model.source
+    return source

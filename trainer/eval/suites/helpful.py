@@ -40,8 +40,9 @@ def run(model: ModelUnderTest, ctx: SuiteContext) -> SuiteOutput:
                                           description="mean reply length in words")}
     samples = [{"suite": "helpful", "uid": u, "prompt": t, "reply": r} for u, t, r in zip(uids, texts, replies)]
     notes = []
-    if ctx.baseline is None or ctx.baseline is model:
+    if ctx.baseline is None:
         notes.append("helpful win_rate: measured against a baseline only (give --baseline)")
+    if ctx.baseline is None or ctx.baseline is model:  # the baseline itself: its win rate is 0.5 by definition
         return SuiteOutput(metrics, samples, notes)
     reference = ctx.baseline.generate(texts)
     labels = ctx.judge.preference_labels(texts, replies, reference)
