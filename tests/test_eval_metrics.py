@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import pathlib
 
 import numpy as np
@@ -266,3 +267,32 @@ def test_human_pair_records_alternate_positions(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"chosen": 1}\n')
     with pytest.raises(PromptFileError, match="bad.jsonl, line 1"):
         human_pair_records(tmp_path / "bad.jsonl", 3)
+
+
+class KeywordScorer:
+    """Fake feedback model: prefers the option whose answer text contains 'kind'."""
+
+    def render(self, chat):
+        return "".join(f"<{m['role']}>{m['content']}" for m in chat) + "<assistant>"
+
+    def score(self, contexts, options):
+        out = []
+        for context in contexts:
+            question = context.rsplit("<user>", 1)[-1]
+            shown = {o: re.findall(rf"^\({o.strip()[1]}\) (.*)$", question, re.M)[-1] for o in options}
+            out.append([math.log(3.0) if "kind" in shown[o] else 0.0 for o in options])
+        return np.array(out)
+
+
+def test_feedback_agreement_alternates_positions_and_keeps_order():
+    from types import SimpleNamespace
+
+    from trainer.eval.suites.pairs import KnownPreference, feedback_agreement
+
+    constitution = Constitution("t", "1", (Principle("p1", comparison="Which is better?"),))
+    ctx = SimpleNamespace(constitution=constitution, feedback=FeedbackConfig(num_principles=1, num_few_shot=0))
+    pairs = [KnownPreference("a", "q" * 50, "a kind reply", "rude"),  # long first: scoring reorders by length
+             KnownPreference("b", "q", "plain", "a kind but wrong reply"),
+             KnownPreference("c", "q" * 20, "kind words", "plain words"),
+             KnownPreference("d", "q", "same", "same")]
+    np.testing.assert_array_equal(feedback_agreement(pairs, ctx, KeywordScorer()), [1.0, 0.0, 1.0, 0.5])

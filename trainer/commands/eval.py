@@ -62,66 +62,20 @@ def _counts(items: list[str]) -> dict[str, int]:
     return counts
 
 
-def _run_settings(model: str, constitution: str | None):
-    """(base model source, constitution, label section, seed) from the run a stage names, else defaults."""
-    from trainer.config import LabelSection, from_yaml_file
-    from trainer.eval.sources import parse_run_stage
-
-    stage = parse_run_stage(model)
-    if stage is None:
-        return None, constitution or "default", LabelSection(), 0
-    run = from_yaml_file(stage.run_dir / "config.yaml")
-    return run.model.source, constitution or run.constitution, run.label, run.run.seed
-
-
 def run(args) -> int:
-    from trainer.constitution import load_constitution
     from trainer.eval.config import EvalConfig
-    from trainer.eval.data import check_inputs
-    from trainer.eval.judge import JudgeError
-    from trainer.eval.local import build_judge, feedback_config_of, policy_under_test
+    from trainer.eval.local import EvalRequest, evaluate_in_process
     from trainer.eval.report import markdown_report, write_outputs
-    from trainer.eval.runner import JUDGED_SUITES, evaluate
-    from trainer.eval.sources import load_policy, load_preference_model, underlying_source
-    from trainer.eval.suites import SuiteContext
 
     config = EvalConfig(suites=tuple(s.strip() for s in args.suites.split(",") if s.strip()),
                         judge=args.judge or "", judge_format=args.judge_format, data_dir=args.data_dir,
                         prompts=_pairs(args.prompts, "--prompts"), max_examples=_counts(args.max_examples),
                         max_new_tokens=args.max_new_tokens)
-    check_inputs(config)  # every file before any model loads: bad input fails with nothing written
-    run_base, constitution_source, label, seed = _run_settings(args.model, args.constitution)
-    constitution = load_constitution(constitution_source)
-    feedback = feedback_config_of(label, seed)
-
     start = time.perf_counter()
-    policies = {}
-
-    def policy(source):
-        if source not in policies:
-            policies[source] = load_policy(source)
-        return policies[source]
-
-    model = policy_under_test(policy(args.model), args.model, config.max_new_tokens)
-    baseline = policy_under_test(policy(args.baseline), args.baseline, config.max_new_tokens) if args.baseline else None
-    judge = judge_info = None
-    if any(s in JUDGED_SUITES for s in config.suites):
-        judge_source = config.judge or run_base or args.baseline or args.model
-        judge, judge_info = build_judge(policy(judge_source), judge_source, config.judge_format, constitution, feedback,
-                                        evaluated=[underlying_source(s) for s in (args.model, args.baseline) if s])
-        if judge_info.format == "llama_guard" and "helpful" in config.suites and baseline is not None:
-            raise JudgeError(f"judge {judge_source} uses the llama_guard format, which scores safety only; the helpful "
-                             f"suite's win rate needs a multiple-choice judge: run it with --judge-format choice")
-    preference_model = load_preference_model(args.preference_model) if args.preference_model else None
-    log.info("models loaded in %.1f s", time.perf_counter() - start)
-
-    ctx = SuiteContext(config, constitution, feedback, judge=judge, preference_model=preference_model, baseline=baseline)
-    baseline_result, samples = None, []
-    if baseline is not None:
-        baseline_result, samples = evaluate(baseline, ctx, judge_info)
-    result, model_samples = evaluate(model, ctx, judge_info)
-    paths = write_outputs(Path(args.out), result, baseline_result, samples + model_samples, config.bootstrap_seed)
-    results = [baseline_result, result] if baseline_result is not None else [result]
-    print(markdown_report(results, seed=config.bootstrap_seed))
+    result, baseline, samples = evaluate_in_process(EvalRequest(
+        config, args.model, baseline=args.baseline, preference_model=args.preference_model,
+        constitution=args.constitution))
+    paths = write_outputs(Path(args.out), result, baseline, samples, config.bootstrap_seed)
+    print(markdown_report([baseline, result] if baseline is not None else [result], seed=config.bootstrap_seed))
     log.info("evaluated in %.1f s; wrote %s", time.perf_counter() - start, ", ".join(str(p) for p in paths))
     return 0

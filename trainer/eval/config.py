@@ -14,7 +14,7 @@ SUITES = ("harmless", "overrefusal", "helpful", "bbq", "hhh", "pm_human")
 DATA_SUITES = {"bbq": "bbq/<Category>.jsonl", "hhh": "cai/evals/438HHHEvaluations.jsonl and HarmfulVsEthical.jsonl",
                "pm_human": "hh-rlhf/harmless-base/test.jsonl.gz and hh-rlhf/helpful-base/test.jsonl.gz"}
 PROMPT_SUITES = ("harmless", "overrefusal", "helpful")
-DEFAULT_MAX_EXAMPLES = {"harmless": 24, "overrefusal": 24, "helpful": 12, "bbq": 8, "hhh": 48, "pm_human": 24}
+DEFAULT_MAX_EXAMPLES = {"harmless": 24, "overrefusal": 24, "helpful": 12, "bbq": 8, "hhh": 24, "pm_human": 12}
 
 
 class EvalConfigError(UserError, ValueError):

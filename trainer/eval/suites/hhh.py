@@ -23,7 +23,7 @@ import numpy as np
 from trainer.eval.data import ChoiceItem, EvalDataError, load_choice_items
 from trainer.eval.results import MetricSample
 from trainer.eval.suites import ModelUnderTest, SuiteContext, SuiteOutput
-from trainer.eval.suites.pairs import KnownPreference, feedback_agreement, pm_agreement
+from trainer.eval.suites.pairs import KnownPreference, by_length, feedback_agreement, pm_agreement
 from trainer.feedback import option_probabilities
 from trainer.prompts import ANSWER_PREFIX, message, options
 
@@ -48,7 +48,9 @@ def choice_accuracy(items: list[ChoiceItem], scorer) -> np.ndarray:
         return np.zeros((0,))
     contexts = [scorer.render([message("user", item.question.strip().removesuffix(ANSWER_PREFIX).strip())])
                 + ANSWER_PREFIX for item in items]
-    probs = option_probabilities(scorer.score(contexts, options(2)))
+    order = by_length(contexts)
+    probs = np.zeros((len(items), 2))
+    probs[order] = option_probabilities(scorer.score([contexts[i] for i in order], options(2)))
     correct = np.array([0 if item.correct.strip() == "(A)" else 1 for item in items])
     p_correct = probs[np.arange(len(items)), correct]
     return np.where(p_correct > 0.5, 1.0, np.where(p_correct == 0.5, 0.5, 0.0))

@@ -28,12 +28,20 @@ class KnownPreference:
     rejected: str
 
 
+def by_length(texts: Sequence[str]) -> np.ndarray:
+    """Indices that order `texts` by length: scored in that order, each batch pads to similar lengths
+    (HHH and hh-rlhf items range from a few dozen to ~900 tokens)."""
+    return np.argsort([len(t) for t in texts], kind="stable")
+
+
 def feedback_agreement(pairs: Sequence[KnownPreference], ctx, scorer) -> np.ndarray:
     """[n] per-pair agreement of the label stage's scoring with the known preference."""
     shown = [ResponsePair(p.uid, p.prompt, p.chosen, p.rejected) if i % 2 == 0
              else ResponsePair(p.uid, p.prompt, p.rejected, p.chosen) for i, p in enumerate(pairs)]
-    labels = label_pairs(shown, ctx.constitution, scorer, ctx.feedback)
-    p_chosen = np.array([label.p_a if i % 2 == 0 else 1.0 - label.p_a for i, label in enumerate(labels)])
+    order = by_length([p.prompt + p.response_a + p.response_b for p in shown])
+    p_a = np.zeros((len(pairs),))
+    p_a[order] = [label.p_a for label in label_pairs([shown[i] for i in order], ctx.constitution, scorer, ctx.feedback)]
+    p_chosen = np.where(np.arange(len(pairs)) % 2 == 0, p_a, 1.0 - p_a)
     return win_value(p_chosen)
 
 
