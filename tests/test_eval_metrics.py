@@ -296,3 +296,20 @@ def test_feedback_agreement_alternates_positions_and_keeps_order():
              KnownPreference("c", "q" * 20, "kind words", "plain words"),
              KnownPreference("d", "q", "same", "same")]
     np.testing.assert_array_equal(feedback_agreement(pairs, ctx, KeywordScorer()), [1.0, 0.0, 1.0, 0.5])
+
+
+def test_eval_and_human_pair_settings_are_validated_at_load(tmp_path):
+    from trainer.config import load_run_config
+    from trainer.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match="known suites: harmless, overrefusal"):
+        load_run_config(None, ["eval.suites=[harmles]"])
+    with pytest.raises(ConfigError, match="max_examples"):
+        load_run_config(None, ["eval.max_examples={bbq: 0}"])
+    with pytest.raises(ConfigError, match="rm.human_pairs"):
+        load_run_config(None, [f"rm.human_pairs={tmp_path / 'missing.jsonl.gz'}"])
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text((FIXTURES / "hh_test.jsonl").read_text())
+    config = load_run_config(None, [f"rm.human_pairs={pairs}", "rm.human_pairs_count=2", "eval.data_dir=/data",
+                                    "eval.max_examples={hhh: 5}"])
+    assert config.rm.human_pairs_count == 2 and config.eval.cap("hhh") == 5 and config.eval.cap("bbq") == 8
