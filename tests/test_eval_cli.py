@@ -84,6 +84,12 @@ def write_run_dir(root: pathlib.Path, model_dir: pathlib.Path) -> tuple[pathlib.
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAIRL_CACHE", str(root / "cache"))  # TFDS builds of the fixtures stay out of the user's cache
+        yield _write_workspace(root)
+
+
+def _write_workspace(root: pathlib.Path) -> dict:
     model_dir = write_tiny_model(root / "tiny", max_position_embeddings=2048)  # room for the feedback few-shot
     run, sl_params = write_run_dir(root, model_dir)
     return {"root": root, "model": model_dir, "run": run, "sl_params": sl_params, "data": write_data_dir(root / "data")}

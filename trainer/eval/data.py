@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,17 @@ def check_inputs(config: EvalConfig) -> None:
                                 f"{DATA_SUITES[suite]} (the layout of the public releases)")
 
 
-def tfds_dir() -> Path:
+def tfds_dir(source: Path) -> Path:
+    """Where TFDS builds `source`: a directory named by the file's path, size and modification time.
+
+    The BBQ and hh-rlhf builders are named by category/subset only, so one shared build directory
+    would serve a stale build when another data dir (or an edited file) holds the same category.
+    """
     from models.fetch import cache_root
 
-    return cache_root() / "tfds"
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "tfds" / "eval" / key
 
 
 def load_bbq_rows(config: EvalConfig) -> list[dict]:
@@ -97,7 +105,8 @@ def load_bbq_rows(config: EvalConfig) -> list[dict]:
     data_dir = Path(config.data_dir).expanduser()
     rows = []
     for category in bbq_categories(data_dir):
-        rows += evenly_spaced(load_bbq([category], tfds_dir(), data_dir / "bbq"), config.cap("bbq"))
+        build_dir = tfds_dir(data_dir / "bbq" / f"{category}.jsonl")
+        rows += evenly_spaced(load_bbq([category], build_dir, data_dir / "bbq"), config.cap("bbq"))
     return rows
 
 
@@ -105,7 +114,8 @@ def load_human_pairs(config: EvalConfig, subset: str):
     """hh-rlhf test pairs of `subset` through the TFDS builder, `cap` of them spread over the file."""
     from trainer.data.load import load_response_pairs
 
-    pairs = load_response_pairs(f"hh-rlhf/{subset}:test", tfds_dir(), Path(config.data_dir).expanduser() / "hh-rlhf")
+    manual_dir = Path(config.data_dir).expanduser() / "hh-rlhf"
+    pairs = load_response_pairs(f"hh-rlhf/{subset}:test", tfds_dir(manual_dir / subset / "test.jsonl.gz"), manual_dir)
     return evenly_spaced(pairs, config.cap("pm_human"))
 
 
