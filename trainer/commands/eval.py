@@ -13,14 +13,15 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from trainer.eval.config import SUITES
+    from trainer.eval.config import SUITES, EvalConfig
 
+    defaults = EvalConfig()
     parser = subparsers.add_parser("eval", help="evaluate a model on the harmlessness, helpfulness and bias suites")
     parser.add_argument("--model", required=True,
                         help="model source: registry name, HF directory, .gguf file, run directory, or a run's stage "
                              "RUN_DIR:base|sl|rl")
     parser.add_argument("--baseline", default=None, help="model to compare with (same forms as --model)")
-    parser.add_argument("--suites", default="harmless,overrefusal,helpful",
+    parser.add_argument("--suites", default=",".join(defaults.suites),
                         help=f"comma-separated, from {', '.join(SUITES)} (default: %(default)s)")
     parser.add_argument("--judge", default=None,
                         help="judge model (default: the run's base model for a run stage, else the baseline, else the "
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data-dir", default="", help="directory holding bbq/, cai/evals/, hh-rlhf/ (bbq, hhh, pm_human)")
     parser.add_argument("--max-examples", action="append", default=[], metavar="SUITE=N",
                         help="items per suite (bbq: per category; pm_human: per subset); repeatable")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy reply budget (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="greedy reply budget (default: %(default)s)")
     parser.add_argument("--constitution", default=None,
                         help="constitution for the judge's and feedback questions (default: the run's, else 'default')")
     parser.add_argument("--out", default="eval", help="output directory (default: %(default)s)")
