@@ -1,6 +1,6 @@
 """Evaluation settings (`eval:` in a run config, or `cairl eval`'s flags): typed, validated, no JAX.
 
-Default caps size a full evaluation of a 135M model to about five minutes on two CPU cores.
+Default caps keep a CPU evaluation of a 135M model small; `hhh` and `pm_human` (long contexts) cost the most.
 """
 
 from __future__ import annotations
