@@ -16,7 +16,8 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+def write_tiny_model(directory: Path, seed: int = 0, **config_changes) -> Path:
+    """`config_changes` override fields of the 'tiny' preset (e.g. a longer context)."""
     import jax
     from flax import nnx
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -36,7 +37,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     backend.train_from_iterator(_corpus(), trainer)
     tokenizer = HFTokenizer(backend, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|im_end|>",
                             chat_template=CHATML, add_bos_token=False)
-    config = PRESETS["tiny"].replace(vocab_size=VOCAB)
+    config = PRESETS["tiny"].replace(vocab_size=VOCAB, **config_changes)
     with jax.default_device(jax.devices("cpu")[0]):
         model = Llama(config, nnx.Rngs(seed))
         params = model_params(model)

@@ -66,6 +66,7 @@ def check_finished_run(run_dir: Path, config_overrides=()):
     assert "critique" in report and "held-out accuracy" in report and "KL" in report
     assert (run_dir / "plots" / "ppo.png").stat().st_size > 1000
     assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "model.safetensors").is_file()
+    assert [p.name for p in (run_dir / "checkpoints" / "ppo-params").iterdir()] == ["3"]  # what `cairl eval RUN:rl` reads
     assert list((run_dir / "tb").iterdir())
     assert "model:" in (run_dir / "config.yaml").read_text()
     return stages, metrics

@@ -20,6 +20,7 @@ COMMANDS = (
     "trainer.commands.generate",
     "trainer.commands.export",
     "trainer.commands.train",
+    "trainer.commands.eval",
     "trainer.commands.plan",
     "trainer.commands.bench",
 )

@@ -23,6 +23,7 @@ from models.errors import UserError
 from trainer import configlib
 from trainer.checkpoint import CheckpointConfig
 from trainer.critique import CritiqueConfig
+from trainer.eval.config import EvalConfig
 from trainer.feedback import FeedbackConfig
 from trainer.kl import KLConfig
 from trainer.mesh import MeshConfig
@@ -123,10 +124,15 @@ class RMSection:
     max_seq_len: int = 160  # prompt + response tokens per side
     optimizer: OptimizerConfig = dataclasses.field(
         default_factory=lambda: OptimizerConfig(learning_rate=2e-5, decay="constant", total_steps=1000))
+    human_pairs: str = ""  # hh-rlhf helpful-base style .jsonl.gz blended into PM training (the CAI paper); "" = none
+    human_pairs_count: int = 256  # how many of its pairs (the first ones)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or not 0.0 < self.heldout_fraction < 1.0:
             raise RunConfigError("rm: steps ≥ 0, batch_size ≥ 1 and heldout_fraction in (0, 1) expected")
+        if self.human_pairs and (self.human_pairs_count < 1 or not Path(self.human_pairs).expanduser().is_file()):
+            raise RunConfigError(f"rm.human_pairs {self.human_pairs!r}: expected an existing hh-rlhf style .jsonl[.gz] "
+                                 f"file and rm.human_pairs_count ≥ 1 (got {self.human_pairs_count})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +225,7 @@ class RunConfig:
     label: LabelSection = dataclasses.field(default_factory=LabelSection)
     rm: RMSection = dataclasses.field(default_factory=RMSection)
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # suites on base, SL and RL policies
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=4, keep=2))

@@ -53,6 +53,10 @@ class PPOLearner(StageLearner):
     def step(self) -> int:
         return int(self.state.policy.step)
 
+    def finish(self) -> None:
+        """The RL policy saved alone in checkpoints/ppo-params (what `cairl eval RUN:rl` reads) and handed on."""
+        self.ctx.hand_on("policy", self.stage, self.state.policy)
+
     def policy_params(self) -> nnx.State:
         return self.state.policy.params
 

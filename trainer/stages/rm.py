@@ -32,6 +32,10 @@ def run_rm(ctx) -> None:
         raise UserError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)} in samples/labels.jsonl; "
                         f"run the label stage first (run.stages), or raise data.label_prompts")
     train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
+    if cfg.rm.human_pairs:  # human helpfulness pairs join training only: held-out accuracy stays on AI labels
+        from trainer.data.human_pairs import human_pair_records
+
+        train += human_pair_records(cfg.rm.human_pairs, cfg.rm.human_pairs_count)
     start = ray.get(ctx.learner.setup.remote("rm")).step
     ray.get(ctx.learner.set_data.remote(PreferenceData(train=tuple(map(PreferencePair.from_record, train)),
                                                        heldout=tuple(map(PreferencePair.from_record, heldout)))))
