@@ -250,3 +250,22 @@ def test_bad_input_exits_2_with_nothing_written(workspace, tmp_path, capsys):
     (no_rm / "config.yaml").write_text(f"model:\n  source: {model}\n")
     _fails(["--model", model, "--suites", "overrefusal", "--preference-model", f"{no_rm}:rm"], out, capsys,
            "rm-params does not exist")
+
+
+def test_several_models_share_one_table_and_get_one_json_each(workspace, tmp_path, capsys):
+    """base | SL | RL in one table: `--model` repeated, each model's eval-<i>.json against the same baseline."""
+    out = tmp_path / "out"
+    run = workspace["run"]
+    code = cli.main(["eval", "--model", f"{run}:sl", "--model", str(workspace["model"]), "--baseline", f"{run}:base",
+                     "--suites", "overrefusal", "--max-examples", "overrefusal=2", "--max-new-tokens", "4",
+                     "--out", str(out)])
+    assert code == 0
+    assert not (out / "eval.json").exists()
+    first, second = (json.loads((out / f"eval-{i}.json").read_text()) for i in (1, 2))
+    assert (first["model"], second["model"]) == (f"{run}:sl", str(workspace["model"]))
+    assert first["baseline"] == second["baseline"] == f"{run}:base"
+    header = next(line for line in (out / "eval.md").read_text().splitlines() if line.startswith("| suite"))
+    assert header == f"| suite | metric | n | {run}:base | {run}:sl | {workspace['model']} |"
+    # The base model and the third column are the same weights: the same greedy replies, a zero delta.
+    assert second["suites"]["overrefusal"]["refusal_rate"]["delta"] == 0.0
+    assert f"{run}:sl" in capsys.readouterr().out

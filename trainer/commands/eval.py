@@ -17,9 +17,10 @@ def register(subparsers) -> None:
 
     defaults = EvalConfig()
     parser = subparsers.add_parser("eval", help="evaluate a model on the harmlessness, helpfulness and bias suites")
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, action="append",
                         help="model source: registry name, HF directory, .gguf file, run directory, or a run's stage "
-                             "RUN_DIR:base|sl|rl")
+                             "RUN_DIR:base|sl|rl; repeat it to compare several on the same items (e.g. --model "
+                             "runs/x:sl --model runs/x:rl --baseline runs/x:base)")
     parser.add_argument("--baseline", default=None, help="model to compare with (same forms as --model)")
     parser.add_argument("--suites", default=",".join(defaults.suites),
                         help=f"comma-separated, from {', '.join(SUITES)} (default: %(default)s)")
@@ -73,10 +74,10 @@ def run(args) -> int:
                         prompts=_pairs(args.prompts, "--prompts"), max_examples=_counts(args.max_examples),
                         max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
-    result, baseline, samples = evaluate_in_process(EvalRequest(
-        config, args.model, baseline=args.baseline, preference_model=args.preference_model,
-        constitution=args.constitution))
-    paths = write_outputs(Path(args.out), result, baseline, samples, config.bootstrap_seed)
-    print(markdown_report([baseline, result] if baseline is not None else [result], seed=config.bootstrap_seed))
+    results, baseline, samples = evaluate_in_process(EvalRequest(
+        config, args.model[0], baseline=args.baseline, also=tuple(args.model[1:]),
+        preference_model=args.preference_model, constitution=args.constitution))
+    paths = write_outputs(Path(args.out), results, baseline, samples, config.bootstrap_seed)
+    print(markdown_report(([baseline] if baseline is not None else []) + results, seed=config.bootstrap_seed))
     log.info("evaluated in %.1f s; wrote %s", time.perf_counter() - start, ", ".join(str(p) for p in paths))
     return 0

@@ -62,6 +62,7 @@ class EvalRequest:
     config: EvalConfig
     model: str
     baseline: str | None = None
+    also: tuple[str, ...] = ()  # more models evaluated on the same items (e.g. a run's RL policy after its SL one)
     preference_model: str | None = None  # RUN_DIR:rm
     constitution: str | None = None  # default: the run's (for a run stage), else the shipped one
 
@@ -78,9 +79,9 @@ def run_settings(model: str, constitution: str | None):
     return run.model.source, constitution or run.constitution, feedback_config_of(run.label)
 
 
-def evaluate_in_process(request: EvalRequest) -> tuple[EvalResult, EvalResult | None, list[dict]]:
-    """(model's result, baseline's result or None, samples): inputs checked first, then models loaded
-    (each source once), then the baseline and the model evaluated on the same items."""
+def evaluate_in_process(request: EvalRequest) -> tuple[list[EvalResult], EvalResult | None, list[dict]]:
+    """(each model's result, baseline's result or None, samples): inputs checked first, then models loaded
+    (each source once), then the baseline and the models evaluated on the same items."""
     from trainer.constitution import load_constitution
     from trainer.eval.data import check_inputs
     from trainer.eval.runner import JUDGED_SUITES, evaluate
@@ -98,14 +99,15 @@ def evaluate_in_process(request: EvalRequest) -> tuple[EvalResult, EvalResult | 
             policies[source] = load_policy(source)
         return policies[source]
 
-    model = policy_under_test(policy(request.model), request.model, config.max_new_tokens)
+    models = [policy_under_test(policy(source), source, config.max_new_tokens)
+              for source in (request.model, *request.also)]
     baseline = None
     if request.baseline:
         baseline = policy_under_test(policy(request.baseline), request.baseline, config.max_new_tokens)
     judge = judge_info = None
     if any(s in JUDGED_SUITES for s in config.suites):
         judge_source = config.judge or run_base or request.baseline or request.model
-        evaluated = [underlying_source(s) for s in (request.model, request.baseline) if s]
+        evaluated = [underlying_source(s) for s in (request.model, *request.also, request.baseline) if s]
         judge, judge_info = build_judge(policy(judge_source), judge_source, config.judge_format, constitution, feedback,
                                         evaluated)
         if judge_info.format == "llama_guard" and "helpful" in config.suites and baseline is not None:
@@ -116,5 +118,9 @@ def evaluate_in_process(request: EvalRequest) -> tuple[EvalResult, EvalResult | 
 
     ctx = SuiteContext(config, constitution, feedback, judge=judge, preference_model=preference_model, baseline=baseline)
     baseline_result, samples = evaluate(baseline, ctx, judge_info) if baseline is not None else (None, [])
-    result, model_samples = evaluate(model, ctx, judge_info)
-    return result, baseline_result, samples + model_samples
+    results = []
+    for model in models:
+        result, model_samples = evaluate(model, ctx, judge_info)
+        results.append(result)
+        samples += model_samples
+    return results, baseline_result, samples

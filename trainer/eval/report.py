@@ -109,16 +109,19 @@ def plot(results: Sequence[EvalResult], path: Path, labels: Sequence[str] | None
     return path
 
 
-def write_outputs(out_dir: Path, result: EvalResult, baseline: EvalResult | None, samples: list[dict],
+def write_outputs(out_dir: Path, evaluated: Sequence[EvalResult], baseline: EvalResult | None, samples: list[dict],
                   seed: int = 0) -> list[Path]:
-    """eval.json, eval.md, eval.png and samples.jsonl into `out_dir`; returns the paths written."""
+    """eval.json (eval-1.json, eval-2.json, ... in order for several models), eval.md (one column per
+    model, the baseline first), eval.png and samples.jsonl into `out_dir`; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [baseline, result] if baseline is not None else [result]
-    paths = [out_dir / "eval.json", out_dir / "eval.md", out_dir / "eval.png", out_dir / "samples.jsonl"]
-    paths[0].write_text(json.dumps(eval_json(result, baseline, seed), indent=2) + "\n")
-    paths[1].write_text(markdown_report(results, seed=seed))
-    plot(results, paths[2], seed=seed)
-    with paths[3].open("w") as handle:
+    results = ([baseline] if baseline is not None else []) + list(evaluated)
+    names = ["eval.json"] if len(evaluated) == 1 else [f"eval-{i}.json" for i in range(1, len(evaluated) + 1)]
+    paths = [out_dir / name for name in names] + [out_dir / "eval.md", out_dir / "eval.png", out_dir / "samples.jsonl"]
+    for path, result in zip(paths, evaluated):
+        path.write_text(json.dumps(eval_json(result, baseline, seed), indent=2) + "\n")
+    paths[-3].write_text(markdown_report(results, seed=seed))
+    plot(results, paths[-2], seed=seed)
+    with paths[-1].open("w") as handle:
         for sample in samples:
             handle.write(json.dumps(sample) + "\n")
     return paths
