@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest
 # 2 cores: let XLA and torch use both, not oversubscribe.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-plan plan-deps test-all bench clean-venv
+.PHONY: demo recipe test test-slow test-plan plan-deps test-all bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cairl fetch-model smollm2-135m-instruct
 	$(BIN)/cairl train --config configs/demo.yaml
+
+# The recipe (configs/smollm2-cai.yaml, docs/recipe.md): the whole method on SmolLM2-135M-Instruct with
+# the 3,000 red-team prompts of a local data directory, then base | SL | RL on the held-out suites.
+CAIRL_DATA ?= ../shared/data
+RECIPE_RUN := runs/smollm2-cai
+RECIPE_EVAL := --suites harmless,overrefusal,helpful,bbq --data-dir $(CAIRL_DATA) --max-examples harmless=64 \
+	--max-examples overrefusal=54 --max-examples helpful=42 --max-examples bbq=24
+
+recipe: $(STAMP)
+	$(BIN)/cairl fetch-model smollm2-135m-instruct
+	$(BIN)/cairl train --config configs/smollm2-cai.yaml \
+		'data.prompts=[$(CAIRL_DATA)/red_team/red_team_prompts_sample3000.jsonl.gz,default:helpful_train]'
+	$(BIN)/cairl eval --model $(RECIPE_RUN):sl --model $(RECIPE_RUN):rl --baseline $(RECIPE_RUN):base \
+		$(RECIPE_EVAL) --out $(RECIPE_RUN)/eval
+	$(BIN)/cairl eval --model $(RECIPE_RUN):base --suites hhh,pm_human --preference-model $(RECIPE_RUN):rm \
+		--data-dir $(CAIRL_DATA) --max-examples hhh=48 --max-examples pm_human=48 --out $(RECIPE_RUN)/eval/feedback
 
 # The fast default suite: tiny models, 8 fake CPU devices.
 test: $(STAMP)
