@@ -153,33 +153,23 @@ def _plan_cli(tmp_path, target, *overrides):
 
 
 @pytest.mark.plan
-@needs_libtpu
-def test_tiny_plan_for_a_tpu_v5e_slice(tmp_path):
+@pytest.mark.parametrize("target, devices, device, capacity_gib", [
+    pytest.param("tpu:v5e:2x2", 4, "TPU v5e", 16, marks=needs_libtpu),
+    pytest.param("gpu:h100x8", 8, "NVIDIA H100 SXM", 80, marks=needs_cuda_plugin),
+])
+def test_tiny_plan_for_a_target_that_is_not_here(tmp_path, target, devices, device, capacity_gib):
     from models.config import PRESETS
 
-    proc = _plan_cli(tmp_path, "tpu:v5e:2x2", "run.stages=[sl]", "model.mesh.data=1", "model.mesh.fsdp=-1",
-                     "sl.batch_size=4")
+    proc = _plan_cli(tmp_path, target, "run.stages=[sl]", "model.mesh.data=1", "model.mesh.fsdp=-1",
+                     f"sl.batch_size={devices}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     (sft,) = plan["programs"]
-    assert plan["devices"] == 4 and plan["device"] == "TPU v5e" and plan["capacity_bytes"] == 16 << 30
-    assert sft["param_bytes"] == _hand_param_bytes(PRESETS["tiny"], 4)
+    assert plan["devices"] == devices and plan["device"] == device
+    assert sft["param_bytes"] == _hand_param_bytes(PRESETS["tiny"], devices)
     assert sft["est_seconds"] > 0 and sft["fits"]
-
-
-@pytest.mark.plan
-@needs_cuda_plugin
-def test_tiny_plan_for_eight_h100s(tmp_path):
-    from models.config import PRESETS
-
-    proc = _plan_cli(tmp_path, "gpu:h100x8", "run.stages=[sl]", "model.mesh.data=1", "model.mesh.fsdp=-1",
-                     "sl.batch_size=8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    plan = json.loads((tmp_path / "plan.json").read_text())
-    (sft,) = plan["programs"]
-    assert plan["devices"] == 8 and plan["device"] == "NVIDIA H100 SXM"
-    assert sft["param_bytes"] == _hand_param_bytes(PRESETS["tiny"], 8)
-    assert sft["fits"]
+    if target.startswith("tpu"):
+        assert plan["capacity_bytes"] == capacity_gib << 30
 
 
 @pytest.mark.plan
