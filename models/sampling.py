@@ -134,11 +134,26 @@ def filter_logits(logits_BxV: jax.Array, mode: SamplingMode, temperature: jax.Ar
     return jnp.where(keep_BxV, scaled_BxV, -jnp.inf)
 
 
+def logprobs_and_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per position, log p(target) and the entropy H = -Σ_v p_v log p_v of p = softmax(logits), fp32.
+
+    The one implementation of token log-probs in cairl: training (trainer/losses.py), scoring
+    (trainer/feedback.py) and sampling (`token_logprob`) all call it. One logsumexp z serves both:
+    log p(y) = logits_y - z and H = z - Σ_v p_v logits_v. Over a large vocabulary this pass, not the
+    LM-head matmul, is what a CPU spends its time on, so it is done once rather than once per quantity;
+    a caller that drops the entropy leaves XLA nothing of it to compute.
+    """
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    probs_BxTxV = jnp.exp(logits_BxTxV - z_BxT[..., None])
+    entropy_BxT = z_BxT - jnp.sum(probs_BxTxV * logits_BxTxV, axis=-1)
+    return picked_BxT - z_BxT, entropy_BxT
+
+
 def token_logprob(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
     """log softmax(logits)[token] per row, in fp32: log p = l_t - logsumexp(l)."""
-    logits_BxV = logits_BxV.astype(jnp.float32)
-    chosen_B = jnp.take_along_axis(logits_BxV, tokens_B[:, None], axis=-1)[:, 0]
-    return chosen_B - jax.nn.logsumexp(logits_BxV, axis=-1)
+    return logprobs_and_entropy(logits_BxV[:, None], tokens_B[:, None])[0][:, 0]
 
 
 def sample_step(

@@ -35,6 +35,7 @@ from flax import nnx
 
 from models.errors import UserError
 from models.llama import KVCache, default_positions
+from models.sampling import logprobs_and_entropy
 from trainer.configlib import FieldError
 from trainer.constitution import Constitution, Principle
 from trainer.critique import TextGenerator, seeded_rng
@@ -119,7 +120,7 @@ def _option_logprobs(graphdef, state, context_BxP, context_mask_BxP, options_BxO
     cache, then each option's K tokens run against that cache at slots P..P+K-1 (the cache is a
     value, so every option sees the context alone). The hidden state that predicts option token k
     is the context's last one for k = 0 and option token k-1's otherwise. Logits are formed only
-    there, keeping the [B, K, V] log-softmax small for large vocabularies.
+    there, keeping the [B, K, V] pass small for large vocabularies.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_slots = context_BxP.shape
@@ -133,8 +134,7 @@ def _option_logprobs(graphdef, state, context_BxP, context_mask_BxP, options_BxO
         tokens_BxK, mask_BxK = options_BxOxK[:, o], options_mask_BxOxK[:, o]
         option_hidden_BxKxD, _ = model.hidden(tokens_BxK, mask_BxK, positions_BxK, cache, prompt_slots)
         predictors_BxKxD = jnp.concatenate([hidden_BxPxD[:, -1:], option_hidden_BxKxD[:, :-1]], axis=1)
-        logp_BxKxV = jax.nn.log_softmax(model.logits(predictors_BxKxD), axis=-1)
-        token_logp_BxK = jnp.take_along_axis(logp_BxKxV, tokens_BxK[..., None], axis=-1)[..., 0]
+        token_logp_BxK, _ = logprobs_and_entropy(model.logits(predictors_BxKxD), tokens_BxK)
         scores.append(jnp.sum(jnp.where(mask_BxK, token_logp_BxK, 0.0), axis=-1))
     return jnp.stack(scores, axis=-1)
 

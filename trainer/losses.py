@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.sampling import logprobs_and_entropy  # noqa: F401 - the one implementation, used by the steps
+
 
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask.astype(bool), x, 0.0))
@@ -32,21 +34,6 @@ def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------- LM
-
-
-def logprobs_and_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per position, log p(target) and the entropy H = -Σ_v p_v log p_v of p = softmax(logits).
-
-    One logsumexp z serves both: log p(y) = logits_y - z and H = z - Σ_v p_v logits_v. Over a
-    large vocabulary this pass, not the LM-head matmul, is what a CPU spends its time on, so it is
-    done once (fp32) rather than once per quantity.
-    """
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    probs_BxTxV = jnp.exp(logits_BxTxV - z_BxT[..., None])
-    entropy_BxT = z_BxT - jnp.sum(probs_BxTxV * logits_BxTxV, axis=-1)
-    return picked_BxT - z_BxT, entropy_BxT
 
 
 def shift_right(x_BxT: jax.Array) -> jax.Array:
