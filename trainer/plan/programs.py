@@ -100,7 +100,7 @@ def rm_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshR
 
 def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     from trainer import ppo
-    from trainer.steps import sequence_scores
+    from trainer.steps import sequence_scores, token_logprobs_and_entropy
 
     b, t = config.ppo.batch_size, ppo_sequence_length(config)
     minibatch = b // config.ppo.update.minibatches
@@ -113,7 +113,8 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     batch = _batch(rules, {**shapes, "scores_B": ((b,), jnp.float32)})
     tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
     ref, pm, policy, value = states.reference, states.pm_frozen, states.policy, states.value
-    ref_fn = jax.jit(lambda p, tk, m: ppo.token_logprobs(nnx.merge(states.llama_graphdef, p), tk, m))
+    # What the PPO learner compiles for the frozen reference (trainer/learners/ppo.py).
+    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
     pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
     epochs = config.ppo.update.epochs
     update_flops = epochs * (estimate.train_flops(model, b, t, lm_head=True)
