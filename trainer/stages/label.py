@@ -43,7 +43,7 @@ def label_revisions(ctx) -> None:
                         "run in this run directory; add sl to run.stages or use label.pairs: sampled")
     pairs = revision_pairs(read_records(ctx.run_dir / "samples" / "sl.jsonl"), ctx.config.label.revision_p)
     ledger = Ledger.open(ctx.run_dir / "samples" / "labels.jsonl", list(pairs))
-    for uid in ledger.pending():
+    for uid in list(ledger.pending):
         ledger.complete(uid, pairs[uid])
     ctx.stages.update("label", pairs=len(ledger.done), source="sl_revisions")
 
