@@ -58,6 +58,10 @@ def install() -> None:
 
 
 def uninstall() -> None:
+    """Restore the default handlers, unless a stop is under way: then a second signal during the rest of
+    the exit path (Ray shutting down, files closing) must still exit at once with the stop's code."""
+    if _received:
+        return
     for signum in EXIT_CODES:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
