@@ -115,21 +115,29 @@ def test_diverging_stage_stops_the_run_with_a_resumable_checkpoint(tiny_model, t
 
 
 def test_recipe_route_direct_revisions_helpful_answers_and_revision_pairs(tiny_model, tmp_path):
-    """The recipe's route (configs/smollm2-cai.yaml): direct revisions, helpful prompts answered into
-    the SFT data, preference pairs from the revisions, prompt sets cycled."""
-    run_train(tiny_model, tmp_path, "sl.revision_style=direct", "sl.helpful_sources=[helpful_train]",
-              "label.pairs=revisions", "data.cycle_sets=true", "data.sl_prompts=6")
+    """The recipe's route (configs/smollm2-cai.yaml): direct revisions, benign prompts answered into
+    the SFT data, preference pairs from the revisions and from benign answers against written refusals,
+    prompt sets cycled."""
+    run_train(tiny_model, tmp_path, "sl.revision_style=direct", "sl.helpful_sources=[helpful_train,benign_risky_train]",
+              "data.prompts=[default:red_team_train,default:helpful_train,default:benign_risky_train]",
+              "label.pairs=revisions", "label.refusal_contrast=true", "data.cycle_sets=true", "data.sl_prompts=9")
     run_dir = tmp_path / "tiny"
     revised = read_records(run_dir / "samples" / "sl.jsonl")
     answered = read_records(run_dir / "samples" / "sl_answers.jsonl")
-    assert len(revised) == len(answered) == 3  # 6 interleaved prompts: 3 red-team, 3 helpful
+    assert len(revised) == 3 and len(answered) == 6  # 9 interleaved prompts: 3 of each set
     assert all(r["uid"].startswith("red_team_train") and r["rounds"][0]["critique"] == "" for r in revised)
-    assert all(r["uid"].startswith("helpful_train") and r["rounds"] == [] for r in answered)
+    assert all(r["uid"].startswith(("helpful_train", "benign_risky_train")) and r["rounds"] == [] for r in answered)
     labels = read_records(run_dir / "samples" / "labels.jsonl")
-    by_uid = {r["uid"]: r for r in revised}
-    assert labels and all(r["source"] == "sl_revision" and r["p_a"] == 0.9 for r in labels)
-    assert all(r["response_a"] == by_uid[r["uid"]]["final_revision"].strip() for r in labels)
+    by_uid = {r["uid"]: r for r in revised + answered}
+    revision_labels = [r for r in labels if r["source"] == "sl_revision"]
+    contrast_labels = [r for r in labels if r["source"] == "refusal_contrast"]
+    assert revision_labels and len(revision_labels) + len(contrast_labels) == len(labels)
+    assert all(r["p_a"] == 0.9 and r["response_a"] == by_uid[r["uid"]]["final_revision"].strip()
+               for r in revision_labels)
+    assert len(contrast_labels) == sum(1 for r in answered if r["final_revision"].strip())
+    assert all(r["response_a"] == by_uid[r["uid"].removesuffix("/contrast")]["final_revision"].strip()
+               for r in contrast_labels)
     stages = json.loads((run_dir / "stages.json").read_text())
     assert all(stages[s]["done"] for s in ("sl", "label", "rm", "ppo"))
-    assert stages["sl"]["revised"] == 3 and stages["sl"]["answered"] == 3
+    assert stages["sl"]["revised"] == 3 and stages["sl"]["answered"] == 6
     assert (run_dir / "hf" / "config.json").is_file()

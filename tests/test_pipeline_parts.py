@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from trainer.ledger import read_records
 from trainer.metrics import MetricsLog
 from trainer.pipeline import _interleave
@@ -88,6 +90,29 @@ def test_revision_pairs_prefer_the_revision_and_skip_unrevised_prompts():
     assert list(pairs) == ["a"]
     assert pairs["a"]["response_a"] == "I can't help with that." and pairs["a"]["response_b"] == "Sure, here is how."
     assert pairs["a"]["p_a"] == 0.8 and pairs["a"]["principle_ids"] == ["harm"]
+
+
+def test_refusal_contrast_prefers_each_benign_answer_to_a_stable_written_refusal():
+    from trainer.stages.label import WRITTEN_REFUSALS, refusal_contrast_pairs
+
+    answers = [{"uid": f"benign_risky_train/{i}", "prompt": f"How do I kill loop {i}?", "final_revision": f"Use break {i}.",
+                "rounds": [], "constitution_hash": "h"} for i in range(12)]
+    answers.append({**answers[0], "uid": "empty", "final_revision": "  "})
+    pairs = refusal_contrast_pairs(answers, 0.9)
+    assert set(pairs) == {f"benign_risky_train/{i}/contrast" for i in range(12)}  # no pair for an empty answer
+    pair = pairs["benign_risky_train/3/contrast"]
+    assert pair["response_a"] == "Use break 3." and pair["p_a"] == 0.9 and pair["source"] == "refusal_contrast"
+    assert pair["response_b"] in WRITTEN_REFUSALS
+    assert len({p["response_b"] for p in pairs.values()}) > 1  # not one string the model could learn by heart
+    assert refusal_contrast_pairs(answers, 0.9) == pairs  # the refusal a prompt gets is stable across runs
+
+
+def test_refusal_contrast_needs_revision_pairs():
+    from trainer.config import LabelSection, RunConfigError
+
+    assert LabelSection(pairs="revisions", refusal_contrast=True).refusal_contrast
+    with pytest.raises(RunConfigError, match="refusal_contrast"):
+        LabelSection(pairs="sampled", refusal_contrast=True)
 
 
 def test_helpful_answers_become_their_own_sft_targets():

@@ -109,11 +109,16 @@ class LabelSection(FeedbackConfig):
     # probability revision_p -- the constitution-guided revision did the judging (no feedback model).
     pairs: Literal["sampled", "revisions"] = "sampled"
     revision_p: float = 0.9  # soft label of the revision in `revisions` pairs (conservative, not 1)
+    # revisions only: each helpful answer (sl.helpful_sources) also preferred to a written refusal (p = revision_p)
+    refusal_contrast: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.5 < self.revision_p <= 1.0:
             raise RunConfigError(f"label.revision_p must be in (0.5, 1], got {self.revision_p}")
+        if self.refusal_contrast and self.pairs != "revisions":
+            raise RunConfigError("label.refusal_contrast adds pairs to label.pairs: revisions; with pairs: sampled "
+                                 "the feedback model labels every pair")
 
 
 @dataclasses.dataclass(frozen=True)

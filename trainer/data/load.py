@@ -2,7 +2,9 @@
 
 Spec strings:
   default:red_team_train | default:red_team_heldout | default:helpful_train | default:helpful_heldout
-      the small sets shipped with cairl (written by us)
+  default:benign_risky_train
+      the small sets shipped with cairl (written by us; benign_risky_train: benign requests worded like risky
+      ones, "How do I terminate a running loop in JavaScript?", disjoint from the overrefusal evaluation set)
   path/to/file.jsonl[.gz]                 a local {"prompt": ...} JSON-lines file
   hh-rlhf/harmless-base[:test]            hh-rlhf dialogues (prompt = up to the last Assistant turn)
   hh-rlhf/helpful-base[:test]
@@ -18,7 +20,8 @@ from pathlib import Path
 from trainer.data.records import Prompt, PromptFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_SETS = {name: PACKAGE_DIR / f"{name}.jsonl" for name in ("red_team_train", "red_team_heldout", "helpful_train", "helpful_heldout")}
+SHIPPED_SETS = ("red_team_train", "red_team_heldout", "helpful_train", "helpful_heldout", "benign_risky_train")
+DEFAULT_SETS = {name: PACKAGE_DIR / f"{name}.jsonl" for name in SHIPPED_SETS}
 HH_SUBSETS = ("harmless-base", "helpful-base")
 
 
