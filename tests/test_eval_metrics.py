@@ -317,3 +317,31 @@ def test_eval_and_human_pair_settings_are_validated_at_load(tmp_path):
     config = load_run_config(None, [f"rm.human_pairs={pairs}", "rm.human_pairs_count=2", "eval.data_dir=/data",
                                     "eval.max_examples={hhh: 5}"])
     assert config.rm.human_pairs_count == 2 and config.eval.cap("hhh") == 5 and config.eval.cap("bbq") == 8
+    assert config.eval.train_models == ("base", "sl", "rl")
+    assert load_run_config(None, ["eval.train_models=[]"]).eval.train_models == ()
+    assert load_run_config(None, ["eval.train_models=[base,rl]"]).eval.train_models == ("base", "rl")
+    for bad in ("[sl,rl]", "[base,rl,sl]", "[base,ppo]", "[base,base]"):
+        with pytest.raises(ConfigError, match="train_models"):
+            load_run_config(None, [f"eval.train_models={bad}"])
+
+
+def test_stored_results_read_back_equal_so_a_resumed_run_compares_the_same_items():
+    from trainer.eval.results import result_from_json, result_to_json
+
+    flags = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    result = EvalResult("run:sl", JudgeInfo("j", "choice", self_judged=True), {
+        "harmless": {"harmful_rate": MetricSample(np.array([0.0, 1.0, 1.0]), ("a", "b", "c"), description="judge")},
+        "helpful": {"win_rate": MetricSample(np.array([1.0, 0.5, 0.0]), ("a", "b", "c"), reference=0.5)},
+        "bbq": {"s_amb": MetricSample(flags, ("r1", "r2", "r3"), bbq_math.ambiguous_bias_score)}}, notes=("x",))
+    back = result_from_json(json.loads(json.dumps(result_to_json(result))))
+    assert (back.model, back.judge, back.notes) == (result.model, result.judge, result.notes)
+    for suite, metrics in result.suites.items():
+        for name, sample in metrics.items():
+            got = back.suites[suite][name]
+            np.testing.assert_array_equal(got.values, sample.values)
+            assert (got.item_ids, got.statistic, got.description, got.reference) == (
+                sample.item_ids, sample.statistic, sample.description, sample.reference)
+    stored = result_to_json(result)
+    stored["suites"]["harmless"]["harmful_rate"]["statistic"] = "os.system"  # a stored file never names code to run
+    with pytest.raises(ValueError, match="statistic 'os.system'"):
+        result_from_json(stored)

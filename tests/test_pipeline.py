@@ -69,7 +69,32 @@ def check_finished_run(run_dir: Path, config_overrides=()):
     assert [p.name for p in (run_dir / "checkpoints" / "ppo-params").iterdir()] == ["3"]  # what `cairl eval RUN:rl` reads
     assert list((run_dir / "tb").iterdir())
     assert "model:" in (run_dir / "config.yaml").read_text()
+    check_evaluation(run_dir, metrics)
     return stages, metrics
+
+
+def check_evaluation(run_dir: Path, metrics: list[dict]):
+    """The base | SL | RL evaluation: finite values in metrics.jsonl (stage eval, steps 0-2), the table at the
+    top of the report, and each policy's replies produced by the weight version its stage ended with."""
+    import math
+
+    rows = [m for m in metrics if m["stage"] == "eval"]
+    assert [m["step"] for m in rows] == [0, 1, 2]
+    for row in rows:
+        values = {k: v for k, v in row.items() if k.startswith("eval/")}
+        assert {"eval/harmless/harmful_rate", "eval/harmless/refusal_or_redirect_rate",
+                "eval/overrefusal/refusal_rate", "eval/helpful/mean_words"} <= set(values)
+        assert all(v is not None and math.isfinite(v) for v in values.values())
+    assert "eval/helpful/win_rate" in rows[1] and "eval/helpful/win_rate" in rows[2]
+    report = (run_dir / "report.md").read_text()
+    assert report.index("## Evaluation: base → SL → RL") < report.index("## Stages")
+    assert "| suite | metric | n | base | SL | RL |" in report
+    final_version = max(m["ppo/version"] for m in metrics if m["stage"] == "ppo")
+    ledgers = run_dir / "eval" / "ledgers"
+    for point, version in (("base", 0), ("sl", 1), ("rl", final_version)):
+        assert {r["version"] for r in read_records(ledgers / f"{point}-replies.jsonl")} == {version}, point
+    comparison = json.loads((run_dir / "eval" / "eval-2.json").read_text())
+    assert comparison["model"] == "tiny:rl" and comparison["baseline"] == "tiny:base"
 
 
 def test_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
@@ -77,16 +102,24 @@ def test_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     assert "sl train" in proc.stderr and "ppo" in proc.stderr  # progress bars on stderr
     check_finished_run(tmp_path / "tiny")
     assert json.loads((tmp_path / "tiny" / "plan.json").read_text())["fits"] is True  # the pre-flight plan
-    # The exported policy loads back as a model source.
-    from models.sources import load_checkpoint
+    # The exported policy loads back as a model source and is the final RL policy, weight for weight.
+    import numpy as np
+    from flax import nnx
 
-    assert load_checkpoint(str(tmp_path / "tiny")).config.vocab_size > 0
+    from models.sources import load_checkpoint
+    from trainer.eval.sources import load_policy
+
+    exported = load_checkpoint(str(tmp_path / "tiny")).params
+    rl = dict(nnx.to_flat_state(nnx.state(load_policy(f"{tmp_path / 'tiny'}:rl").model, nnx.Param)))
+    assert len(exported) == len(rl) > 0
+    for path, array in exported.items():
+        np.testing.assert_allclose(np.asarray(rl[tuple(path)][...]), np.asarray(array), rtol=0, atol=1e-6)
 
 
 def test_selected_stages_then_the_rest(tiny_model, tmp_path):
     run_train(tiny_model, tmp_path, "run.stages=[sl,label]")
     stages = json.loads((tmp_path / "tiny" / "stages.json").read_text())
-    assert set(stages) == {"sl", "label"}
+    assert set(stages) == {"sl", "label", "eval"} and stages["eval"]["points"] == ["base", "sl"]
     assert not (tmp_path / "tiny" / "checkpoints" / "ppo").exists()
     proc = run_train(tiny_model, tmp_path)  # the run dir exists: resumes, skipping sl and label
     assert "sl critique" not in proc.stderr

@@ -134,3 +134,45 @@ def test_real_worker_samples_at_the_published_version(ray_cluster, tmp_path):
     second = ray_cluster.get(worker.run.remote(Task("rollout", ("a", "b"), task.texts, handle, 1, settings)))
     assert second.version == 1 and all(r["version"] == 1 for r in second.records.values())
     assert [second.records[u]["logprobs"] for u in "ab"] != [first.records[u]["logprobs"] for u in "ab"]
+
+
+def test_real_worker_evaluation_tasks_follow_the_version_and_judge_with_the_base(ray_cluster, tmp_path):
+    """`reply` and `options` tasks (evaluation inside cairl train): the policy scores at the task's weight
+    version, exactly as a local scorer on those weights; the judge keeps the base model's weights."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_fixtures import write_tiny_model
+
+    from models.sources import build_llama, load_checkpoint
+    from trainer.config import load_run_config
+    from trainer.eval.workers import OptionSettings, ReplySettings
+    from trainer.feedback import LlamaOptionScorer
+    from trainer.rollout import RolloutWorker
+    from trainer.weights import publish
+
+    model_dir = write_tiny_model(tmp_path / "tiny")
+    config = load_run_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [f"model.source={model_dir}"])
+    worker = ray_cluster.remote(RolloutWorker).options(num_cpus=0.5).remote(config, 0)
+    contexts, options = ("Is this fine? Answer:", "Pick one:"), {"a": (" yes", " no"), "b": (" (A)", " (B)")}
+    checkpoint = load_checkpoint(str(model_dir))
+    scaled = {p: a * 3.0 for p, a in checkpoint.params.items()}
+    handle = publish(1, scaled)
+
+    def scores(target, weights):
+        task = Task("options", ("a", "b"), contexts, weights, 0, OptionSettings(target, options))
+        result = ray_cluster.get(worker.run.remote(task))
+        assert result.version == weights.version
+        return np.array([result.records[u]["logprobs"] for u in "ab"])
+
+    def local(params):
+        scorer = LlamaOptionScorer(build_llama(checkpoint.config, params), checkpoint.tokenizer)
+        return np.stack([scorer.score([c], [list(options[u])])[0] for c, u in zip(contexts, "ab")])
+
+    np.testing.assert_allclose(scores("policy", WeightHandle(0, None)), local(checkpoint.params), atol=1e-4)
+    np.testing.assert_allclose(scores("policy", handle), local(scaled), atol=1e-4)
+    np.testing.assert_allclose(scores("judge", handle), local(checkpoint.params), atol=1e-4)
+    reply = ray_cluster.get(worker.run.remote(Task("reply", ("a",), ("how do i help",), handle, 0, ReplySettings(4))))
+    assert reply.version == 1 and isinstance(reply.records["a"]["reply"], str)

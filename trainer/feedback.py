@@ -166,7 +166,7 @@ class LlamaOptionScorer:
         return self.tokenizer.render_chat(chat, add_generation_prompt=True)
 
     def score(self, contexts: Sequence[str], options: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
-        per_context = _per_context_options(contexts, options)
+        per_context = per_context_options(contexts, options)
         encoded: dict[str, list[int]] = {}
         for text in {o for row in per_context for o in row}:
             encoded[text] = self.tokenizer.encode(text)
@@ -209,7 +209,7 @@ class LlamaOptionScorer:
         return np.asarray(out)[: len(chunk)]
 
 
-def _per_context_options(contexts: Sequence[str], options) -> list[list[str]]:
+def per_context_options(contexts: Sequence[str], options) -> list[list[str]]:
     """Options as one list per context: a list of strings is shared by every context."""
     if not options:
         raise FeedbackError("option scorer: give at least one option")

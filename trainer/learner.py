@@ -8,6 +8,7 @@ The driver (trainer/stages/*.py) calls, for each stage:
     learner.evaluate() / learner.score(prompt_ids, response_ids)
     learner.save(step, extras, force)     learner.finish()  (hand the weights on to later stages)
     learner.publish(version)              -> WeightHandle of the current policy (object store)
+    learner.publish_stage(stage, version) -> WeightHandle of the policy a finished stage saved (evaluation)
 
 What each call does is the current stage learner's business (trainer/learners/): this class holds
 the context they share — mesh, tokenizer, and the weights finished stages leave on the devices —
@@ -82,6 +83,19 @@ class Learner:
         from trainer.weights import publish
 
         return publish(version, host_params(self._policy_params()))
+
+    def publish_stage(self, stage: str, version: int):
+        """The policy a finished stage saved (checkpoints/<stage>-params; `base`: the initial model) in the
+        object store as `version`, whatever stage is current (evaluation of base, SL and RL policies)."""
+        from models.sources import host_params
+        from trainer.weights import publish
+
+        if stage == "base":
+            params = self.ctx.initial_params()
+        else:
+            optimizer = {"sl": self.ctx.config.sl.optimizer, "ppo": self.ctx.config.ppo.policy_optimizer}[stage]
+            params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
+        return publish(version, host_params(params))
 
     def export(self, out: str) -> str:
         """Write the current policy as a Hugging Face directory."""

@@ -72,6 +72,12 @@ def validate(config: RunConfig) -> Validated:
     tokenizer = check_model_source(config.model.source, "model.source")
     if config.model.feedback_source:
         check_model_source(config.model.feedback_source, "model.feedback_source")
+    if config.eval.train_models:
+        from trainer.eval.data import check_inputs
+
+        check_inputs(config.eval)  # prompt files and data directories of the chosen suites
+        if config.eval.judge:
+            check_model_source(config.eval.judge, "eval.judge")
     return Validated(constitution=constitution, constitution_hash=constitution.hash, tokenizer=tokenizer)
 
 
@@ -81,7 +87,7 @@ def validate(config: RunConfig) -> Validated:
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
                      "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.")
+                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.", "eval.train_models")
 RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
 
 
@@ -200,6 +206,7 @@ class Context:
     metrics: object  # metrics.MetricsLog
     stages: StageRecord
     prompts: dict  # name -> list[Prompt]
+    tokenizer: object = None  # the policy's tokenizer (renders chats for evaluation's scoring questions)
 
 
 def _interleave(sets: list[list], cycle: bool = False) -> list:
@@ -275,6 +282,7 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     from trainer.health import LearnerWatch
     from trainer.metrics import MetricsLog
     from trainer.rollout import RolloutWorker
+    from trainer.stages.evaluate import run_due_evaluations, write_comparison
 
     ray = start_ray(config)
     learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
@@ -282,9 +290,11 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     watch = LearnerWatch(learner, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
-                  metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts)
+                  metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts,
+                  tokenizer=validated.tokenizer)
     try:
         for stage in config.run.stages:
+            run_due_evaluations(ctx)  # the base model before the first stage; SL's policy before label
             if ctx.stages.done(stage):
                 log.info("stage %s: done already, skipped", stage)
                 continue
@@ -295,6 +305,8 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
             seconds += ctx.stages.info(stage).get("seconds_before_resume", 0.0)
             ctx.stages.update(stage, done=True, seconds=round(seconds, 1))
             log.info("stage %s: done in %.1f s", stage, seconds)
+        run_due_evaluations(ctx)  # the RL policy
+        write_comparison(run_dir)
         if config.run.export and "ppo" in config.run.stages and ctx.stages.done("ppo"):
             ray.get(watch.export.remote(str(run_dir / "hf")))
         from trainer.report import write_report

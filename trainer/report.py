@@ -1,8 +1,9 @@
 """<run>/report.md and plots/: what the run did and whether it worked, from the run's own files.
 
-Sections: stage wall times; SL-CAI critiques and revisions grouped by principle; AI labels; the
-preference model's held-out accuracy; PPO reward and KL per iteration (plots/ppo.png); the mean
-preference-model reward of greedy answers to held-out prompts before and after PPO.
+Sections: the evaluation of the base, SL and RL policies (eval/, one table with CIs and deltas vs
+base, then its plot); stage wall times; SL-CAI critiques and revisions grouped by principle; AI
+labels; the preference model's held-out accuracy; PPO reward and KL per iteration (plots/ppo.png);
+the mean preference-model reward of greedy answers to held-out prompts before and after PPO.
 """
 
 from __future__ import annotations
@@ -117,15 +118,43 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
     return lines
 
 
+def _eval_section(run_dir: Path) -> list[str]:
+    from trainer.eval.report import markdown_table
+    from trainer.stages.evaluate import POINT_LABELS, load_points
+
+    results = load_points(run_dir)
+    if not results:
+        return []
+    judges = sorted({r.judge.describe() for r in results.values() if r.judge is not None})
+    lines = ["## Evaluation: " + " → ".join(POINT_LABELS[p] for p in results), "",
+             "Held-out suites (eval: in config.yaml). Values with 95 % bootstrap CIs; Δ = difference vs the base "
+             "model on the same items (paired bootstrap CI); a win rate is against the base model's replies, "
+             "judged in both orders.", ""]
+    if judges:
+        lines += [f"Judge: {'; '.join(judges)}.", ""]
+    lines += [markdown_table(list(results.values()), [POINT_LABELS[p] for p in results]), ""]
+    notes = sorted({n for point, r in results.items() if point != "base" for n in r.notes})
+    lines += ["Not measured:", *[f"- {n}" for n in notes], ""] if notes else []
+    if (run_dir / "eval" / "eval.png").is_file():
+        lines += ["![evaluation](eval/eval.png)", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     stages = StageRecord(run_dir).read()
     metrics = read_records(run_dir / "metrics.jsonl")
     plot_ppo(run_dir, [r for r in metrics if r.get("stage") == "ppo"])
-    lines = [f"# cairl run `{run_dir.name}`", "", "## Stages", "", "| stage | done | wall time (s) |", "|---|---|---|"]
+    lines = [f"# cairl run `{run_dir.name}`", ""]
+    lines += _eval_section(run_dir)
+    lines += ["## Stages", "", "| stage | done | wall time (s) |", "|---|---|---|"]
     for stage in ("sl", "label", "rm", "ppo"):
         if stage in stages:
             lines.append(f"| {stage} | {stages[stage].get('done', False)} | {stages[stage].get('seconds', '—')} |")
+    eval_seconds = stages.get("eval", {}).get("seconds", {})
+    for point in ("base", "sl", "rl"):
+        if point in eval_seconds:
+            lines.append(f"| eval {point} | True | {eval_seconds[point]} |")
     lines.append("")
     lines += _sl_section(run_dir)
     lines += _label_section(run_dir, stages)

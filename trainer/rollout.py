@@ -12,6 +12,8 @@ change), then runs the whole batch at that version — a batch never mixes versi
   rollout  one sampled response per prompt: token ids and behaviour log-probs (PPO)   RolloutSettings
   sl       SL-CAI: answer, then rounds of critique → revision (trainer.critique)      CritiqueConfig
   label    two responses per prompt, scored by the feedback model (trainer.feedback)  FeedbackConfig
+  reply    greedy chat replies (evaluation)                                          eval.workers.ReplySettings
+  options  log-probs of option continuations, by the policy or the judge (evaluation) eval.workers.OptionSettings
 
 The worker holds no run state: a restarted worker (Ray `max_restarts`) rebuilds itself from the
 constructor arguments and is brought to the right weights by its next task.
@@ -42,7 +44,7 @@ class RolloutSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    kind: str  # rollout | sl | label
+    kind: str  # rollout | sl | label | reply | options
     uids: tuple[str, ...]
     texts: tuple[str, ...]  # the user prompt of each uid
     weights: WeightHandle
@@ -74,6 +76,8 @@ class RolloutWorker:
         self.name = f"worker-{index}"
         self._policy = None
         self._feedback = None
+        self._judge = None
+        self._scorers: dict[str, Any] = {}  # "policy" | "feedback" | "judge" -> LlamaOptionScorer
         self._weights = None
         self._constitution = None
 
@@ -99,6 +103,27 @@ class RolloutWorker:
             self._feedback = Policy.load(source, self.config.model.dtype)
         return self._feedback
 
+    def _ensure_judge(self):
+        """The evaluation judge (eval.judge, default the run's base model); the feedback model when they are one."""
+        source = self.config.eval.judge or self.config.model.source
+        if source == (self.config.model.feedback_source or self.config.model.source):
+            return self._ensure_feedback()
+        if self._judge is None:
+            from trainer.policy import Policy
+
+            self._judge = Policy.load(source, self.config.model.dtype)
+        return self._judge
+
+    def _scorer(self, name: str, policy):
+        """An option scorer over `policy`'s model, following its weights (the policy's change per version)."""
+        from trainer.feedback import LlamaOptionScorer
+
+        if name not in self._scorers:
+            self._scorers[name] = LlamaOptionScorer(policy.model, policy.tokenizer)
+        elif name == "policy":
+            self._scorers[name].update_weights(policy.model)
+        return self._scorers[name]
+
     def _constitution_obj(self):
         if self._constitution is None:
             from trainer.constitution import load_constitution
@@ -119,7 +144,10 @@ class RolloutWorker:
         policy = self._ensure_policy()
         state = self._weights.state_for(task.weights)
         if state is not None:
+            from flax import nnx
+
             policy.sampler.update_weights(state)
+            nnx.update(policy.model, state)  # the model scores (options tasks) at the same version it samples
         version = self._weights.version
         handler = getattr(self, f"_run_{task.kind}", None)
         if handler is None:
@@ -165,7 +193,7 @@ class RolloutWorker:
     def _run_label(self, policy, task: Task):
         from models.sampling import SamplingParams
         from trainer.critique import SamplerTextGenerator
-        from trainer.feedback import FeedbackConfig, LlamaOptionScorer, ResponsePair, label_pairs
+        from trainer.feedback import FeedbackConfig, ResponsePair, label_pairs
 
         config: FeedbackConfig = task.settings
         a, tokens_a = policy.respond(list(task.texts), config.max_new_tokens, config.temperature, task.seed,
@@ -173,16 +201,28 @@ class RolloutWorker:
         b, tokens_b = policy.respond(list(task.texts), config.max_new_tokens, config.temperature, task.seed + 1,
                                      top_p=config.top_p)
         judge = self._ensure_feedback()
-        if getattr(self, "_scorer", None) is None:
-            self._scorer = LlamaOptionScorer(judge.model, judge.tokenizer)
+        scorer = self._scorer("feedback", judge)
         generator = None
         if config.chain_of_thought:
             generator = SamplerTextGenerator(judge.sampler, judge.tokenizer,
                                              SamplingParams(max_new_tokens=1, temperature=0.0), seed=task.seed)
         pairs = [ResponsePair(uid, text, ra, rb) for uid, text, ra, rb in zip(task.uids, task.texts, a, b)]
-        records = label_pairs(pairs, self._constitution_obj(), self._scorer, config, generator,
+        records = label_pairs(pairs, self._constitution_obj(), scorer, config, generator,
                               seed=self.config.run.seed)
         return {r.uid: r.to_json() for r in records}, tokens_a + tokens_b
+
+    def _run_reply(self, policy, task: Task):
+        replies, tokens = policy.respond(list(task.texts), task.settings.max_new_tokens, temperature=0.0,
+                                         seed=task.seed)
+        return {uid: {"reply": reply} for uid, reply in zip(task.uids, replies)}, tokens
+
+    def _run_options(self, policy, task: Task):
+        settings = task.settings
+        model = self._ensure_judge() if settings.target == "judge" else policy
+        name = "policy" if model is policy else "feedback" if model is self._feedback else "judge"
+        scorer = self._scorer(name, model)  # the judge shares the feedback model's scorer (and compiled programs)
+        logprobs = scorer.score(list(task.texts), [list(settings.options[uid]) for uid in task.uids])
+        return {uid: {"logprobs": row.astype(float).tolist()} for uid, row in zip(task.uids, logprobs)}, 0
 
 
 def worker_options(config) -> dict[str, Any]:

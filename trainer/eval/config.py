@@ -14,6 +14,7 @@ SUITES = ("harmless", "overrefusal", "helpful", "bbq", "hhh", "pm_human")
 DATA_SUITES = {"bbq": "bbq/<Category>.jsonl", "hhh": "cai/evals/438HHHEvaluations.jsonl and HarmfulVsEthical.jsonl",
                "pm_human": "hh-rlhf/harmless-base/test.jsonl.gz and hh-rlhf/helpful-base/test.jsonl.gz"}
 PROMPT_SUITES = ("harmless", "overrefusal", "helpful")
+TRAIN_MODELS = ("base", "sl", "rl")
 DEFAULT_MAX_EXAMPLES = {"harmless": 24, "overrefusal": 24, "helpful": 12, "bbq": 8, "hhh": 24, "pm_human": 12}
 
 
@@ -32,6 +33,8 @@ class EvalConfig:
     max_examples: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MAX_EXAMPLES))
     max_new_tokens: int = 64  # greedy reply budget
     bootstrap_seed: int = 0
+    # The policies `cairl train` evaluates: base (before SL), sl (after SL), rl (after PPO); [] = none.
+    train_models: tuple[str, ...] = TRAIN_MODELS
 
     def __post_init__(self):
         unknown = [s for s in self.suites if s not in SUITES]
@@ -47,6 +50,10 @@ class EvalConfig:
                                       f"({', '.join(SUITES)}) and a count >= 1")
         if self.max_new_tokens < 1:
             raise EvalConfigError(f"eval max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        order = [TRAIN_MODELS.index(m) for m in self.train_models if m in TRAIN_MODELS]
+        if len(order) != len(self.train_models) or order != sorted(set(order)) or (order and order[0] != 0):
+            raise EvalConfigError(f"eval train_models {list(self.train_models)}: expected [] or base followed by sl "
+                                  f"and/or rl, in that order (base is what every difference is measured against)")
         if self.judge_format not in ("auto", "choice", "llama_guard"):
             raise EvalConfigError(f"eval judge_format {self.judge_format!r}: expected auto, choice or llama_guard")
 

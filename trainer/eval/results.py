@@ -112,6 +112,38 @@ def summarize(result: EvalResult, baseline: EvalResult | None = None, seed: int 
     return out
 
 
+def _statistics() -> dict[str, Statistic]:
+    """Statistics a stored result may name: a closed set, so reading a result file never imports code."""
+    from trainer.eval import bbq, stats
+
+    return {f.__name__: f for f in (stats.mean, bbq.bias_score, bbq.ambiguous_bias_score, bbq.accuracy)}
+
+
+def result_to_json(result: EvalResult) -> dict:
+    """Everything of `result`, per-item values included, so a resumed run compares against it unchanged."""
+    def sample(s: MetricSample) -> dict:
+        return {"values": np.asarray(s.values, np.float64).tolist(), "item_ids": list(s.item_ids),
+                "statistic": s.statistic.__name__, "description": s.description, "reference": s.reference}
+
+    judge = dataclasses.asdict(result.judge) if result.judge is not None else None
+    return {"model": result.model, "judge": judge, "notes": list(result.notes),
+            "suites": {suite: {name: sample(s) for name, s in metrics.items()} for suite, metrics in result.suites.items()}}
+
+
+def result_from_json(data: dict) -> EvalResult:
+    known = _statistics()
+
+    def sample(d: dict) -> MetricSample:
+        if d["statistic"] not in known:
+            raise ValueError(f"stored metric uses statistic {d['statistic']!r}; known: {', '.join(known)}")
+        return MetricSample(as_rows(d["values"]), tuple(d["item_ids"]), known[d["statistic"]], d["description"],
+                            d["reference"])
+
+    judge = JudgeInfo(**data["judge"]) if data["judge"] is not None else None
+    suites = {suite: {name: sample(d) for name, d in metrics.items()} for suite, metrics in data["suites"].items()}
+    return EvalResult(model=data["model"], judge=judge, suites=suites, notes=tuple(data["notes"]))
+
+
 def as_rows(values) -> np.ndarray:
     """Per-item values as a float array (a list of numbers or of equal-length tuples)."""
     return np.asarray(values, np.float64)
