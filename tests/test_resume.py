@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from test_pipeline import NO_EVAL, ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
 from trainer.ledger import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -46,11 +46,11 @@ def _stages(run_dir: Path) -> dict:
 
 def test_killed_between_stages_then_resumed(tiny_model, tmp_path):  # noqa: F811
     run_dir = tmp_path / "tiny"
-    start_and_kill_when(tiny_model, tmp_path, lambda: _stages(run_dir).get("label", {}).get("done"))
+    start_and_kill_when(tiny_model, tmp_path, lambda: _stages(run_dir).get("label", {}).get("done"), NO_EVAL)
     assert _stages(run_dir)["sl"]["done"]
     labels_before = read_records(run_dir / "samples" / "labels.jsonl")
-    run_train(tiny_model, tmp_path)
-    check_finished_run(run_dir)
+    run_train(tiny_model, tmp_path, NO_EVAL)
+    check_finished_run(run_dir, evaluated=False)
     assert read_records(run_dir / "samples" / "labels.jsonl") == labels_before  # not redone
 
 

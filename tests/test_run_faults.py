@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pipeline import ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from test_pipeline import NO_EVAL, ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
 from trainer.ledger import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -139,42 +139,42 @@ def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model
 
 def test_sigint_inside_sl_training_checkpoints_exits_130_and_resumes(tiny_model, tmp_path):  # noqa: F811
     run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1)
     run.signal(signal.SIGINT)
     assert run.finish() == 130, run.output()[-4000:]
     assert "stopped by SIGINT" in run.output() and "Traceback" not in run.output()
     assert run.leftovers() == []
     assert _checkpoint_steps(run_dir, "sl") == [1]
-    run_train(tiny_model, tmp_path, f"--resume={run_dir}")
-    check_finished_run(run_dir)
+    run_train(tiny_model, tmp_path, NO_EVAL, f"--resume={run_dir}")
+    check_finished_run(run_dir, evaluated=False)
 
 
 def test_a_second_signal_exits_at_once_and_the_run_still_resumes(tiny_model, tmp_path):  # noqa: F811
     run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path)
+    run = Run(tiny_model, tmp_path, NO_EVAL)
     run.wait_for(lambda: len(read_records(run_dir / "samples" / "labels.jsonl")) >= 2)
     run.signal(signal.SIGTERM)
     run.wait_for(lambda: "saving a checkpoint at the next safe point" in run.output())  # two at once would merge
     run.signal(signal.SIGTERM)
     assert run.finish() == 0, run.output()[-4000:]
     assert "second SIGTERM: exiting now" in run.output()
-    run_train(tiny_model, tmp_path)
-    check_finished_run(run_dir)
+    run_train(tiny_model, tmp_path, NO_EVAL)
+    check_finished_run(run_dir, evaluated=False)
 
 
 @pytest.mark.parametrize("stage", ["sl", "rm"])
 def test_killed_inside_sl_or_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path, stage):  # noqa: F811
     """Killed after step 1 with no checkpoint since step 0: the resumed stage logs step 1 again."""
     run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+    run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, stage)) >= 1)
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"stage": "' + stage + '", "step": 2, "tor')  # and a line torn by the kill
-    run_train(tiny_model, tmp_path)
-    check_finished_run(run_dir)
+    run_train(tiny_model, tmp_path, NO_EVAL)
+    check_finished_run(run_dir, evaluated=False)
     rows = _metric_rows(run_dir)
     assert [r["step"] for r in rows if r["stage"] == "rm"] == [1, 2]
     assert [r["step"] for r in rows if r["stage"] == "rm_eval"] == [0, 2]
@@ -198,7 +198,7 @@ def _learner_pids() -> list[int]:
 def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):  # noqa: F811
     run_dir = tmp_path / "tiny"
     before = set(_learner_pids())
-    run = Run(tiny_model, tmp_path)
+    run = Run(tiny_model, tmp_path, NO_EVAL)
     run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1 and set(_learner_pids()) - before)
     for pid in set(_learner_pids()) - before:
         os.kill(pid, signal.SIGKILL)  # out of memory, as the kernel does it
@@ -208,7 +208,7 @@ def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_m
 
 
 def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):  # noqa: F811
-    run = Run(tiny_model, tmp_path, "ray.learner_timeout_s=0.5")  # a first-step compile takes longer
+    run = Run(tiny_model, tmp_path, NO_EVAL, "ray.learner_timeout_s=0.5")  # a first-step compile takes longer
     assert run.finish() == 2, run.output()[-4000:]
     assert "past ray.learner_timeout_s = 0.5 s" in run.output() and "Traceback" not in run.output()
     assert run.leftovers() == []
@@ -220,7 +220,7 @@ def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_mode
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": LONG + " the end", "uid": "long"}] + [{"prompt": f"how do i help {i}"} for i in range(12)]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    run_train(tiny_model, tmp_path / "runs", f"data.prompts=[{prompts}]", "data.ppo_prompts=4",
+    run_train(tiny_model, tmp_path / "runs", NO_EVAL, f"data.prompts=[{prompts}]", "data.ppo_prompts=4",
               "run.stages=[sl,label]")
     records = {r["uid"]: r for r in read_records(tmp_path / "runs" / "tiny" / "samples" / "sl.jsonl")}
     assert records["long"]["prompt"].endswith("the end") and len(records["long"]["prompt"]) < 1000

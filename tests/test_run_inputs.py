@@ -100,6 +100,22 @@ def test_non_text_prompts_are_rejected_with_file_and_line(tiny_model, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["eval.suites=[harmless,bbq]"], ["bbq", "data_dir"]),
+    (["eval.suites=[harmless]", "eval.prompts={harmless: EMPTY}"], ["EMPTY", "no prompts"]),
+    (["eval.judge=/nowhere/judge-model"], ["eval.judge", "/nowhere/judge-model"]),
+])
+def test_bad_evaluation_input_fails_before_anything_starts_or_is_written(tiny_model, tmp_path, overrides, expected):
+    from test_config import _assert_clean_failure
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    expected = [e.replace("EMPTY", str(empty)) for e in expected]
+    _assert_clean_failure(_train_cli(tmp_path, tiny_model, *overrides), *expected)
+    assert not (tmp_path / "runs").exists()
+
+
 LONG = " ".join(f"word{i % 50} please explain" for i in range(3400))  # ~10,000 tokens of the tiny tokenizer
 
 
