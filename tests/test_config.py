@@ -155,5 +155,8 @@ def test_exponent_without_a_dot_is_a_number():
     # PyYAML (YAML 1.1) reads 2e-5 as a string; configs and overrides mean the number.
     config = load_run_config(None, ["sl.optimizer.learning_rate=2e-5", "rm.optimizer.learning_rate=3E-4"])
     assert config.sl.optimizer.learning_rate == 2e-5 and config.rm.optimizer.learning_rate == 3e-4
+    for bad in (".nan", ".inf", "-.inf", "1e999"):  # a NaN learning rate would pass every range check
+        with pytest.raises(ConfigError, match="ppo.policy_optimizer.learning_rate.*expected a finite number"):
+            load_run_config(None, [f"ppo.policy_optimizer.learning_rate={bad}"])
     with pytest.raises(ConfigError, match="expected a number"):
         load_run_config(None, ["sl.optimizer.learning_rate=fast"])

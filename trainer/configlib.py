@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -183,9 +184,11 @@ def _convert(tp: Any, value: Any, located: Located, path: tuple[str, ...]) -> An
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; every user means the number
+            value = float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; every user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{located.where(path)}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan / .inf / 1e999: no setting means that, and a NaN passes every `<` check
+            raise ConfigError(f"{located.where(path)}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
