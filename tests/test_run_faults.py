@@ -1,6 +1,6 @@
 """Faults met by a whole `cairl train` run on the tiny config, each injected where a user meets it:
 SIGTERM / SIGINT to the driver (once and twice), SIGKILL inside the SL and RM stages, a learner that dies
-or runs past its timeout — and a run repeated with one seed. Each test checks what was kept: checkpoints,
+or runs past its timeout, a run directory on a full disk — and a run repeated with one seed. Each test checks what was kept: checkpoints,
 ledgers, one metric row per (stage, step), Ray shut down, and where the fault allows it, the same final
 result as an uninterrupted run."""
 
@@ -182,6 +182,50 @@ def test_killed_inside_sl_or_rm_training_leaves_one_metric_row_per_step(tiny_mod
 
     events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
     assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs mounted for the test (a real file system that fills up), or a skip where mounting is
+    not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()[:200]}); needs root or CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_model, small_disk):  # noqa: F811
+    """SL done, then the disk fills: the preference model's first checkpoint cannot be written. The run stops
+    with one clear message (exit 2, no traceback from the driver), SL's state intact; with space freed the
+    same command resumes and finishes, each (stage, step) once."""
+    run_dir = small_disk / "tiny"
+    run_train(tiny_model, small_disk, NO_EVAL, "run.stages=[sl]")
+    free_kb = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    ballast = small_disk / "ballast"
+    with ballast.open("wb") as f:  # leave 400 kB: metric lines fit, a checkpoint of the preference model does not
+        for _ in range(free_kb - 400):
+            f.write(b"\0" * 1024)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(train_command(tiny_model, small_disk, NO_EVAL), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cairl train: error: no space left writing checkpoint step 1") and "--resume" in last
+    assert "checkpoints/rm" in last and "no earlier step of it" in last
+    assert not any(line.startswith("Traceback") for line in proc.stderr.splitlines())  # the driver's own output
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["sl"]["done"] and stages["label"]["done"] and not stages.get("rm", {}).get("done")
+    assert [p.name for p in (run_dir / "checkpoints" / "sl-params").iterdir()] == ["2"]
+    ballast.unlink()
+    run_train(tiny_model, small_disk, NO_EVAL)
+    check_finished_run(run_dir, evaluated=False)
+    _metric_rows(run_dir)  # one row per (stage, step)
 
 
 def _learner_pids() -> list[int]:

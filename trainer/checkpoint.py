@@ -113,7 +113,8 @@ class Checkpointer:
             yield
         except Exception as err:  # noqa: BLE001 - only a full disk is translated; anything else re-raised as is
             kept = [s for s in self._manager.all_steps() if s != self._last_saved]
-            raise_if_disk_full(err, f"{what} in {self.directory} (newest intact step: {max(kept, default=None)})")
+            newest = f"newest intact step: {max(kept)}" if kept else "no earlier step of it"
+            raise_if_disk_full(err, f"{what} in {self.directory} ({newest})")
             raise
 
     def __enter__(self) -> "Checkpointer":
