@@ -94,19 +94,17 @@ def load_checkpoint(source: str) -> Checkpoint:
     """Config, host params and tokenizer of `source` (see the module docstring for what it may be)."""
     kind, path = resolve(source)
     if kind == "gguf":
-        from models.gguf_io import gguf_family, read_gguf
+        from models.gguf_io import read_gguf
         from models.tokenizer import tokenizer_from_gguf
 
         config, tensors, reader = read_gguf(path)
-        family = gguf_family(reader, str(path))
         tokenizer = tokenizer_from_gguf(reader, source=str(path))
     else:
-        config, raw = hf_io.read_config(path)
-        family = hf_io.family_of(raw, str(path))
+        config, _ = hf_io.read_config(path)
         tensors = hf_io.read_weights(path)
         tokenizer = load_tokenizer(path)
     check_vocab_fits(tokenizer, config.vocab_size, source=str(path))
-    params = hf_io.params_from_hf(tensors, config, str(path), family)
+    params = hf_io.params_from_hf(tensors, config, str(path))
     return Checkpoint(config=config, params=params, tokenizer=tokenizer, source=source, path=path)
 
 
