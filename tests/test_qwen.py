@@ -29,11 +29,12 @@ SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
               num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6)
 
 
-def _transformers_model(family: str, tie: bool):
+def _transformers_model(family: str, tie: bool, vocab: int = VOCAB):
+    shapes = {**SHAPES, "vocab_size": vocab}
     if family == "qwen2":
-        config, cls = transformers.Qwen2Config(**SHAPES, tie_word_embeddings=tie), transformers.Qwen2ForCausalLM
+        config, cls = transformers.Qwen2Config(**shapes, tie_word_embeddings=tie), transformers.Qwen2ForCausalLM
     else:  # Qwen3: head_dim 32 != hidden / heads, as in the released models
-        config, cls = transformers.Qwen3Config(**SHAPES, head_dim=32, tie_word_embeddings=tie), transformers.Qwen3ForCausalLM
+        config, cls = transformers.Qwen3Config(**shapes, head_dim=32, tie_word_embeddings=tie), transformers.Qwen3ForCausalLM
     torch.manual_seed(0)
     model = cls(config).eval()
     randomize_(model, seed=1)  # biases and q/k norm weights included: a dropped one would show
@@ -119,3 +120,92 @@ def test_qwen_sliding_window_caps_the_context_only_when_used():
     base = {"architectures": ["Qwen2ForCausalLM"], **SHAPES, "sliding_window": 64}
     assert hf_io.config_from_hf({**base, "use_sliding_window": False}).max_position_embeddings == 256
     assert hf_io.config_from_hf({**base, "use_sliding_window": True}).max_position_embeddings == 64
+
+
+def _write_gguf(path: Path, family: str, reference) -> None:
+    """`reference`'s weights as a float32 GGUF the way llama.cpp's converter writes qwen2/qwen3: tensor names
+    from the gguf package's own name map, `<arch>.*` metadata, Q/K rows in HF order (NeoX RoPE)."""
+    import gguf
+
+    config = reference.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[family]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), family)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    for name, w in reference.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        writer.add_tensor(gguf_name, w.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_gguf_import_matches_transformers(family, tmp_path):
+    from models.gguf_io import read_gguf
+    from models.sources import build_llama
+
+    reference = _transformers_model(family, tie=False)
+    _write_gguf(tmp_path / "m.gguf", family, reference)
+    config, tensors, _ = read_gguf(tmp_path / "m.gguf")
+    assert config.family == family and config.resolved_head_dim == (32 if family == "qwen3" else 16)
+    model = build_llama(config, hf_io.params_from_hf(tensors, config, "m.gguf"))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), torch_logits(reference, TOKENS), atol=1e-4, rtol=0)
+
+
+# ChatML as the Qwen instruct models use it (written here, not copied): a default system turn when the
+# conversation has none, <|im_start|>role ... <|im_end|> turns, and no BOS token at all.
+QWEN_STYLE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_qwen_style_tokenizer(directory: Path) -> None:
+    """A byte-level BPE like Qwen's (trained here on a few lines) with Qwen's special tokens and no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["system user assistant", "You are a helpful assistant.", "hi there"] * 4, trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "chat_template": QWEN_STYLE_TEMPLATE, "model_max_length": 256}))
+
+
+def test_tokenizer_and_chat_template_as_qwen_ships_them_survive_import_and_export(tmp_path):
+    reference = _transformers_model("qwen2", tie=True, vocab=320)  # 256 bytes + merges + specials fit
+    reference.save_pretrained(tmp_path / "m")
+    _write_qwen_style_tokenizer(tmp_path / "m")
+    loaded = load(str(tmp_path / "m"))
+    tok = loaded.tokenizer
+    assert tok.bos_id is None and tok.id_to_token(tok.eos_id) == "<|im_end|>"
+    messages = [{"role": "user", "content": "hi there"}]
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path / "m").apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    assert tok.render_chat(messages) == expected and expected.startswith("<|im_start|>system\n")
+
+    out = export_params(tmp_path / "export", loaded.config, model_params(loaded.model), tok)
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    assert exported.bos_token is None and exported.eos_token == "<|im_end|>" and exported.pad_token == "<|endoftext|>"
+    ids = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == tok.encode_chat(messages)
