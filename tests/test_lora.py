@@ -165,3 +165,69 @@ def test_merged_export_and_peft_adapter_match_our_model_in_transformers(family, 
     with torch.no_grad():
         peft_logits = with_adapter(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # compiles SFT, RM and PPO steps: about a minute on 2 cores
+def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
+    """sl → rm → ppo through the learner (no Ray) with model.lora on a Qwen2 model: each stage's state
+    trains adapters only, later stages start from the merged weights, and a new process restores them."""
+    from pathlib import Path
+
+    from pipeline_fixtures import write_tiny_model
+    from trainer.config import load_run_config
+    from trainer.critique import SFTExample
+    from trainer.learner import Learner
+    from trainer.learners.requests import PreferenceData, PreferencePair, Rollout
+    from trainer.pipeline_state import StageRecord
+
+    model_dir = write_tiny_model(tmp_path / "qwen2", family="qwen2")
+    root = Path(__file__).resolve().parents[1]
+    config = load_run_config(root / "configs" / "tiny.yaml", [
+        f"model.source={model_dir}", f"run.runs_dir={tmp_path / 'runs'}", "ppo.batch_size=2",
+        "model.lora.rank=2", "model.lora.targets=[q_proj, v_proj, down_proj]", "sl.optimizer.learning_rate=0.01"])
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True)
+    learner = Learner(config, str(run_dir))
+    assert learner.ctx.lora is not None and len(learner.ctx.lora.targets) == 3 * 2
+
+    learner.setup("sl")
+    sl = learner.current
+    base = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(sl.state.frozen)}
+    learner.set_data([SFTExample("u0", ({"role": "user", "content": "hi"},), "hello there")])
+    for _ in range(2):
+        assert learner.train_step()["skipped"] == 0
+    for p, v in nnx.to_flat_state(sl.state.frozen):
+        assert np.array_equal(np.asarray(v[...]), base[p]), p
+    learner.finish()
+    sl_policy = learner.ctx.handoff["policy"]
+    merged = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(sl_policy)}
+    assert merged.keys() == base.keys()  # later stages get a whole model: the merged weights
+    q = ("blocks", 0, "attn", "q_DxNxH")
+    assert not np.array_equal(merged[q], base[q]) and np.array_equal(merged[q[:-1] + ("o_NxHxD",)],
+                                                                    base[q[:-1] + ("o_NxHxD",)])
+    learner.close()
+    StageRecord(run_dir).update("sl", done=True)
+
+    learner.setup("rm")
+    pairs = tuple(PreferencePair(f"question {i}", "a kind safe answer", "a rude harmful answer", 0.8) for i in range(3))
+    learner.set_data(PreferenceData(train=pairs[:2], heldout=pairs[2:]))
+    assert learner.train_step()["skipped"] == 0
+    assert ("head_D",) in {p for p, _ in nnx.to_flat_state(learner.current.state.params)}
+    learner.finish()
+    StageRecord(run_dir).update("rm", done=True)
+
+    learner.setup("ppo")
+    policy = learner.current.state.policy
+    for p, v in nnx.to_flat_state(policy.frozen):
+        assert np.array_equal(np.asarray(v[...]), merged[p]), p
+    metrics = learner.train_step([Rollout((1, 2, 3), (4, 5), (-1.0, -2.0)), Rollout((3, 2), (6,), (-0.5,))])
+    assert metrics["skipped"] == 0
+    learner.save(1, {"iteration": 1}, force=True)
+    trained = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(learner.current.state.policy.params)}
+    learner.close()
+
+    resumed = Learner(config, str(run_dir))
+    assert resumed.setup("ppo").step == 1
+    restored = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(resumed.current.state.policy.params)}
+    assert restored.keys() == trained.keys() and all(np.array_equal(restored[p], trained[p]) for p in trained)
+    resumed.close()

@@ -58,7 +58,7 @@ class PPOLearner(StageLearner):
         self.ctx.hand_on("policy", self.stage, self.state.policy)
 
     def policy_params(self) -> nnx.State:
-        return self.state.policy.params
+        return self.state.policy.full_params()
 
     def _sequence_arrays(self, prompt_ids, response_ids):
         """Right-padded prompt+response rows of one fixed length (one compile), and the response mask.

@@ -38,7 +38,7 @@ class SFTLearner(SupervisedLearner):
         return len(rows)
 
     def policy_params(self) -> nnx.State:
-        return self.state.params
+        return self.state.full_params()
 
     def finish(self) -> None:
         self.ctx.hand_on("policy", self.stage, self.state)
