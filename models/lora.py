@@ -81,10 +81,14 @@ class LoraSpec:
     lm_paths: frozenset[ParamPath]  # every LM parameter: frozen; anything else (a scalar head) is trained
 
 
+def _hf_names(model_config: ModelConfig) -> dict[str, ParamPath]:
+    return families.by_name(model_config.family).hf_names(model_config.num_layers, model_config.tie_embeddings)
+
+
 def linear_modules(model_config: ModelConfig) -> dict[str, ParamPath]:
     """HF module name -> our parameter path, for every linear projection the model has."""
-    names = families.by_name(model_config.family).hf_names(model_config.num_layers, model_config.tie_embeddings)
-    return {name.removesuffix(".weight"): path for name, path in names.items() if path[-1] in _INPUT_DIMS}
+    return {name.removesuffix(".weight"): path for name, path in _hf_names(model_config).items()
+            if path[-1] in _INPUT_DIMS}
 
 
 def _matches(module: str, target: str) -> bool:
@@ -104,8 +108,7 @@ def resolve(model_config: ModelConfig, config: LoraConfig | None) -> LoraSpec | 
             f"modules are {kinds} (as suffixes of names like {next(iter(modules))!r})"
             + ("; lm_head is tied to the embedding here" if any("lm_head" in t for t in unmatched) else ""))
     targets = tuple((path, m) for m, path in modules.items() if any(_matches(m, t) for t in config.targets))
-    all_paths = families.by_name(model_config.family).hf_names(model_config.num_layers, model_config.tie_embeddings)
-    return LoraSpec(config=config, targets=targets, lm_paths=frozenset(all_paths.values()))
+    return LoraSpec(config=config, targets=targets, lm_paths=frozenset(_hf_names(model_config).values()))
 
 
 def _lm_path(path: ParamPath) -> ParamPath:
@@ -120,21 +123,26 @@ def split(params: nnx.State, spec: LoraSpec, key: jax.Array) -> tuple[nnx.State,
     frozen = [(p, v) for p, v in flat if _lm_path(p) in spec.lm_paths]
     trainable = [(p, v) for p, v in flat if _lm_path(p) not in spec.lm_paths]
     by_lm_path = {_lm_path(p): (p, v) for p, v in frozen}
-    keys = jax.random.split(key, len(spec.targets))
-    for (lm_path, _), k in zip(spec.targets, keys):
-        path, weight = by_lm_path[lm_path]
-        a, b = _fresh_adapter(weight, _INPUT_DIMS[lm_path[-1]], spec.config.rank, k)
+    weights = [(by_lm_path[lm_path], _INPUT_DIMS[lm_path[-1]]) for lm_path, _ in spec.targets]
+    rank = spec.config.rank
+    sizes = [math.prod(w.shape[:n_in]) * rank for (_, w), n_in in weights]
+    # One draw for every A, sliced up: a draw per adapter (hundreds in a deep model) made the state's
+    # init program compile for minutes.
+    uniform = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    offset = 0
+    for ((path, weight), n_in), size in zip(weights, sizes):
+        a, b = _fresh_adapter(weight, n_in, rank, uniform[offset:offset + size])
+        offset += size
         trainable += [(path + ("lora_a",), a), (path + ("lora_b",), b)]
     return nnx.from_flat_state(frozen), nnx.from_flat_state(trainable)
 
 
-def _fresh_adapter(weight: nnx.Variable, n_in: int, rank: int, key: jax.Array) -> tuple[nnx.Param, nnx.Param]:
-    """A [*in, R] uniform in ±1/√fan_in and B [R, *out] zero, sharded along the weight's own logical axes
-    (the rank axis is never split)."""
+def _fresh_adapter(weight: nnx.Variable, n_in: int, rank: int, uniform: jax.Array) -> tuple[nnx.Param, nnx.Param]:
+    """A [*in, R] uniform in ±1/√fan_in (from `uniform`, fan_in·R draws in [-1, 1)) and B [R, *out] zero,
+    sharded along the weight's own logical axes (the rank axis is never split)."""
     shape, axes = tuple(weight.shape), tuple(weight.get_metadata()["logical_axes"])
-    fan_in = math.prod(shape[:n_in])
-    bound = 1.0 / math.sqrt(fan_in)
-    a_IxR = jax.random.uniform(key, (*shape[:n_in], rank), weight.dtype, -bound, bound)
+    bound = 1.0 / math.sqrt(math.prod(shape[:n_in]))
+    a_IxR = (bound * uniform).reshape(*shape[:n_in], rank).astype(weight.dtype)
     b_RxO = jnp.zeros((rank, *shape[n_in:]), weight.dtype)
     return (nnx.Param(a_IxR, logical_axes=(*axes[:n_in], None)),
             nnx.Param(b_RxO, logical_axes=(None, *axes[n_in:])))

@@ -2,6 +2,8 @@
 adapters, adapters are sharded by the weights' rules, and both exports (merged HF weights, PEFT adapter)
 load in transformers / peft with our logits."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +169,10 @@ def test_merged_export_and_peft_adapter_match_our_model_in_transformers(family, 
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
 
 
+def config_vocab(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
 @pytest.mark.slow  # compiles SFT, RM and PPO steps: about a minute on 2 cores
 def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     """sl → rm → ppo through the learner (no Ray) with model.lora on a Qwen2 model: each stage's state
@@ -205,6 +211,17 @@ def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     q = ("blocks", 0, "attn", "q_DxNxH")
     assert not np.array_equal(merged[q], base[q]) and np.array_equal(merged[q[:-1] + ("o_NxHxD",)],
                                                                     base[q[:-1] + ("o_NxHxD",)])
+    # The SL adapters alone, in PEFT's layout: peft puts them on the initial model and gets our SL policy.
+    torch, transformers, peft = (pytest.importorskip(m) for m in ("torch", "transformers", "peft"))
+    adapter_dir = run_dir / "adapters" / "sl"
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                                                  adapter_dir).eval()
+    tokens = TOKENS % config_vocab(model_dir)
+    with torch.no_grad():
+        peft_logits = with_adapter(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(nnx.merge(sl.state.graphdef, sl_policy)(jnp.asarray(tokens)))
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
     learner.close()
     StageRecord(run_dir).update("sl", done=True)
 
@@ -231,3 +248,26 @@ def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     restored = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(resumed.current.state.policy.params)}
     assert restored.keys() == trained.keys() and all(np.array_equal(restored[p], trained[p]) for p in trained)
     resumed.close()
+
+
+@pytest.mark.slow  # two PPO compiles
+def test_bench_ppo_with_lora_trains_fewer_parameters_in_less_state():
+    import argparse
+
+    from trainer.bench import ppo as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    common = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--response-len", "8", "--runs", "1",
+              "--matmul-size", "128"]
+    full = bench.run(parser.parse_args(common))
+    adapted = bench.run(parser.parse_args([*common, "--lora", "2", "--lora-targets", "q_proj,v_proj"]))
+    c = preset("tiny")
+    h, rank = c.resolved_head_dim, 2
+    per_layer = rank * (c.hidden_size + c.num_heads * h) + rank * (c.hidden_size + c.num_kv_heads * h)  # q, v: A + B
+    head = c.hidden_size + 1  # the value model's scalar head trains in full
+    assert full["lora_rank"] == 0 and adapted["lora_rank"] == rank
+    assert full["trainable_params"] == 2 * c.num_params() + head
+    assert adapted["trainable_params"] == 2 * c.num_layers * per_layer + head
+    # Full fine-tuning: params + 2 Adam moments per model; LoRA: the frozen bases + small adapters.
+    assert adapted["state_bytes"] < 0.4 * full["state_bytes"]

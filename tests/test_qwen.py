@@ -209,3 +209,18 @@ def test_tokenizer_and_chat_template_as_qwen_ships_them_survive_import_and_expor
     assert exported.bos_token is None and exported.eos_token == "<|im_end|>" and exported.pad_token == "<|endoftext|>"
     ids = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == tok.encode_chat(messages)
+
+
+def test_a_local_name_is_a_model_directory_in_the_cache(tmp_path, monkeypatch):
+    from models.sources import ModelSourceError, resolve
+
+    monkeypatch.setenv("CAIRL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelSourceError, match="unknown model name 'qwen3-tiny'.*cache/models/qwen3-tiny"):
+        resolve("qwen3-tiny")
+    directory = tmp_path / "cache" / "models" / "qwen3-tiny"
+    _transformers_model("qwen3", tie=True).save_pretrained(directory)
+    write_word_tokenizer(directory, VOCAB)
+    assert resolve("qwen3-tiny") == ("hf", directory)
+    assert load("qwen3-tiny").config.family == "qwen3"
+    with pytest.raises(ModelSourceError, match="known models: .*qwen3-tiny"):
+        resolve("qwen3-other")

@@ -41,4 +41,10 @@ class SFTLearner(SupervisedLearner):
         return self.state.full_params()
 
     def finish(self) -> None:
+        """The SL policy handed on; with LoRA also its adapters in PEFT's layout, on the initial model
+        (SL always starts from it), whose resolved directory the adapter names as its base."""
         self.ctx.hand_on("policy", self.stage, self.state)
+        if self.ctx.lora is not None:
+            from models.sources import resolve
+
+            self.ctx.write_adapter(self.stage, self.state, base_model=str(resolve(self.config.model.source)[1]))
