@@ -271,3 +271,19 @@ def test_bench_ppo_with_lora_trains_fewer_parameters_in_less_state():
     assert adapted["trainable_params"] == 2 * c.num_layers * per_layer + head
     # Full fine-tuning: params + 2 Adam moments per model; LoRA: the frozen bases + small adapters.
     assert adapted["state_bytes"] < 0.4 * full["state_bytes"]
+
+
+def test_run_config_reads_model_lora_and_names_a_bad_key():
+    from pathlib import Path
+
+    from trainer.config import load_run_config
+    from trainer.configlib import ConfigError
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert load_run_config(tiny).model.lora is None  # off by default: full fine-tuning
+    config = load_run_config(tiny, ["model.lora.rank=4", "model.lora.alpha=8", "model.lora.targets=[q_proj]"])
+    assert config.model.lora == lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",))
+    with pytest.raises(ConfigError, match="model.lora.rank must be a positive integer"):
+        load_run_config(tiny, ["model.lora.rank=0"])
+    with pytest.raises(ConfigError, match="unknown key 'rnak'.*did you mean 'rank'"):
+        load_run_config(tiny, ["model.lora.rnak=4"])
