@@ -287,3 +287,26 @@ def test_run_config_reads_model_lora_and_names_a_bad_key():
         load_run_config(tiny, ["model.lora.rank=0"])
     with pytest.raises(ConfigError, match="unknown key 'rnak'.*did you mean 'rank'"):
         load_run_config(tiny, ["model.lora.rnak=4"])
+
+
+@pytest.mark.plan  # compiles the SFT step for the 8 fake devices
+def test_plan_counts_the_frozen_base_as_weights_and_optimizer_state_for_adapters_only(eight_devices):
+    from pathlib import Path
+
+    from trainer.config import load_run_config
+    from trainer.plan.abstract import plan_model_config
+    from trainer.plan.planner import make_plan
+    from trainer.plan.targets import parse_target
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    overrides = ["model.source=tiny", "run.stages=[sl]", "model.mesh.data=1", "model.mesh.fsdp=8", "sl.batch_size=8"]
+    full = load_run_config(tiny, overrides)
+    adapted = load_run_config(tiny, [*overrides, "model.lora.rank=2", "model.lora.targets=[q_proj]"])
+    (full_sft,) = make_plan(full, parse_target("local")).programs
+    (lora_sft,) = make_plan(adapted, parse_target("local")).programs
+    c = plan_model_config(adapted)
+    adapter_bytes = 4 * c.num_layers * 2 * (c.hidden_size + c.num_heads * c.resolved_head_dim)  # fp32 A + B
+    assert full_sft.opt_state_bytes > 2 * full_sft.param_bytes * 0.9
+    # Weights: the base plus adapters (replicated on the rank axis: at most the whole adapter per device).
+    assert full_sft.param_bytes < lora_sft.param_bytes <= full_sft.param_bytes + adapter_bytes
+    assert lora_sft.opt_state_bytes <= 2 * adapter_bytes + 64
