@@ -241,6 +241,18 @@ def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     assert metrics["skipped"] == 0
     learner.save(1, {"iteration": 1}, force=True)
     trained = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(learner.current.state.policy.params)}
+    assert any(np.abs(v).max() > 0 for p, v in trained.items() if p[-1] == "lora_b")  # PPO moved its adapters
+    learner.finish()
+    # The PPO adapter, stacked on SL's (rank 2r), goes on the initial model and gives the RL policy.
+    rl_policy = learner.ctx.handoff["policy"]
+    ppo_config = json.loads((run_dir / "adapters" / "ppo" / "adapter_config.json").read_text())
+    assert ppo_config["r"] == 2 * 2 and ppo_config["base_model_name_or_path"] == str(model_dir)
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                                                  run_dir / "adapters" / "ppo").eval()
+    with torch.no_grad():
+        peft_logits = with_adapter(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(nnx.merge(sl.state.graphdef, rl_policy)(jnp.asarray(tokens)))
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
     learner.close()
 
     resumed = Learner(config, str(run_dir))

@@ -137,16 +137,25 @@ class LearnerContext:
             ckpt.close()
         self.handoff[name] = params
 
-    def write_adapter(self, stage: str, state: TrainState, base_model: str) -> None:
+    def write_adapter(self, stage: str, state: TrainState, base_model: str, stacked_on: str | None = None) -> None:
         """The stage's LoRA adapters alone, as a PEFT adapter directory at adapters/<stage>/ that `peft`
-        loads onto `base_model` (the weights the stage started from). Collective: every process calls it."""
+        loads onto `base_model`; `stacked_on`: the earlier stage whose merged weights this one trained on
+        (its adapter is included, see models/peft_export.py). Collective: every process calls it."""
         from models.peft_export import export_adapter
         from trainer.distributed import gather_to_host
 
         adapters = {p: v[...] for p, v in nnx.to_flat_state(state.params) if p[-1] in ("lora_a", "lora_b")}
         host = gather_to_host(adapters)
         if jax.process_index() == 0:
-            export_adapter(self.run_dir / "adapters" / stage, host, self.lora, base_model=base_model)
+            earlier = None if stacked_on is None else self.run_dir / "adapters" / stacked_on
+            export_adapter(self.run_dir / "adapters" / stage, host, self.lora, base_model=base_model,
+                           stacked_on=earlier)
+
+    def initial_model_path(self) -> str:
+        """Where the initial model's weights are (what a PEFT adapter of this run goes on)."""
+        from models.sources import resolve
+
+        return str(resolve(self.config.model.source)[1])
 
     def restore_params(self, stage: str, factory: ModelFactory, optimizer: OptimizerConfig) -> nnx.State:
         abstract = self.abstract_state(factory, optimizer, self.config.run.seed, trainable=False)

@@ -45,6 +45,4 @@ class SFTLearner(SupervisedLearner):
         (SL always starts from it), whose resolved directory the adapter names as its base."""
         self.ctx.hand_on("policy", self.stage, self.state)
         if self.ctx.lora is not None:
-            from models.sources import resolve
-
-            self.ctx.write_adapter(self.stage, self.state, base_model=str(resolve(self.config.model.source)[1]))
+            self.ctx.write_adapter(self.stage, self.state, base_model=self.ctx.initial_model_path())
