@@ -224,3 +224,52 @@ def test_a_local_name_is_a_model_directory_in_the_cache(tmp_path, monkeypatch):
     assert load("qwen3-tiny").config.family == "qwen3"
     with pytest.raises(ModelSourceError, match="known models: .*qwen3-tiny"):
         resolve("qwen3-other")
+
+
+# The constructs Qwen3's shipped template relies on (written here, not copied): a namespace updated inside
+# a loop, a reversed slice of the messages, string methods splitting off a <think> block, `is defined`
+# tests on an optional variable (enable_thinking) and tojson for tools.
+QWEN3_STYLE_TEMPLATE = """{%- set ns = namespace(last_query=-1) -%}
+{%- for m in messages[::-1] -%}
+  {%- if m.role == 'user' and not m.content.startswith('<tool_response>') and ns.last_query == -1 -%}
+    {%- set ns.last_query = messages|length - 1 - loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if tools -%}<|im_start|>system
+{{ tools | map('tojson') | join('\\n') }}<|im_end|>
+{% endif -%}
+{%- for m in messages -%}
+  {%- set content = m.content -%}
+  {%- if m.role == 'assistant' and '</think>' in content -%}
+    {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}
+    {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- if loop.index0 > ns.last_query -%}{%- set content = '<think>\\n' + reasoning + '\\n</think>\\n\\n' + content -%}{%- endif -%}
+  {%- endif -%}
+<|im_start|>{{ m.role }}
+{{ content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif -%}{%- endif -%}"""
+
+
+def test_a_qwen3_style_template_renders_as_transformers_renders_it(tmp_path):
+    reference = _transformers_model("qwen3", tie=True, vocab=320)
+    reference.save_pretrained(tmp_path / "m")
+    _write_qwen_style_tokenizer(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN3_STYLE_TEMPLATE}))
+    ours = load(str(tmp_path / "m")).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nthere"},
+                {"role": "user", "content": "you are helpful"}]
+    for history in (messages, messages[:2]):
+        for generation in (True, False):
+            expected = theirs.apply_chat_template(history, add_generation_prompt=generation, tokenize=False)
+            assert ours.render_chat(history, add_generation_prompt=generation) == expected
+    # Reasoning is kept only after the last user turn: the namespace really was updated inside the loop.
+    assert "<think>\nhmm" not in ours.render_chat(messages) and "<think>\nhmm" in ours.render_chat(messages[:2], False)
