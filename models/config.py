@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from models import families
 from models.errors import UserError
 from typing import Literal, get_args
 
@@ -38,7 +39,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes of a Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2)."""
+    """Shapes of a Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2, Qwen2/2.5, Qwen3).
+
+    `family` names the checkpoint layout (models/families/): it decides the few structural extras
+    (Qwen2's q/k/v biases, Qwen3's per-head q/k norms) and the architecture an export declares.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -61,6 +66,7 @@ class ModelConfig:
     # costs one extra parameter-sized buffer. Cached decode stays unrolled.
     scan_layers: bool = False
     attention: AttentionImpl = "xla"
+    family: str = "llama"
 
     def __post_init__(self):
         positive = (
@@ -99,6 +105,17 @@ class ModelConfig:
             raise ModelConfigError("model config: attention 'cudnn' needs a 16-bit dtype (bfloat16 or float16), got float32")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ModelConfigError("model config: rope_theta and rms_norm_eps must be positive")
+        if families.by_name(self.family) is None:
+            raise ModelConfigError(f"model config: family must be one of "
+                                   f"{', '.join(f.name for f in families.FAMILIES)}, got {self.family!r}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return families.by_name(self.family).qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return families.by_name(self.family).qk_norm
 
     @property
     def resolved_head_dim(self) -> int:
@@ -112,6 +129,8 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         hd = self.resolved_head_dim
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        attn += hd * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        attn += 2 * hd if self.qk_norm else 0
         block = attn + 3 * d * f + 2 * d
         lm_head = 0 if self.tie_embeddings else v * d
         return v * d + self.num_layers * block + d + lm_head
@@ -170,6 +189,35 @@ PRESETS: dict[str, ModelConfig] = {
                                  original_max_position_embeddings=8192),
         tie_embeddings=True,
         max_position_embeddings=131072,
+    ),
+    # Qwen shapes (their config.json files): `cairl plan` and `cairl bench` without the weights.
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_embeddings=True,
+        max_position_embeddings=32768,
+        family="qwen2",
+    ),
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_embeddings=True,
+        max_position_embeddings=40960,
+        family="qwen3",
     ),
     "llama-3-8b": ModelConfig(
         vocab_size=128256,

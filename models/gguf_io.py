@@ -1,8 +1,11 @@
-"""GGUF files (llama.cpp) of llama-architecture models -> ModelConfig + HF-named fp32 tensors.
+"""GGUF files (llama.cpp) of the architectures models/families/ names (llama, qwen2, qwen3) ->
+ModelConfig + HF-named fp32 tensors.
 
-Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter permutes the rows of
-the Q and K projections so that RoPE rotates adjacent pairs (2i, 2i+1) instead of HF's halves
-(i, i + H/2). Per head, row r = 2i + j of the GGUF tensor holds HF row j*H/2 + i; undoing it is
+Metadata keys are prefixed by the architecture (`qwen2.block_count`). Quantized tensors are dequantized
+with the `gguf` package. For llama, llama.cpp's converter permutes the rows of the Q and K projections
+so that RoPE rotates adjacent pairs (2i, 2i+1) instead of HF's halves (i, i + H/2); qwen2 and qwen3
+keep HF's order (Family.gguf_qk_permuted). Per head, row r = 2i + j of a permuted tensor holds HF
+row j*H/2 + i; undoing it is
 
     W_hf = W_gguf.reshape(n, H/2, 2, D).swapaxes(1, 2).reshape(n*H, D)
 
@@ -70,14 +73,15 @@ def _float32_value(value) -> float:
 
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
-    """ModelConfig from the `llama.*` metadata (Mistral GGUFs use the llama architecture too)."""
-    gguf_family(reader, source)  # an architecture we read, or a clear error
-    if "llama.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    """ModelConfig from the `<architecture>.*` metadata (Mistral GGUFs use the llama architecture too)."""
+    family = gguf_family(reader, source)  # an architecture we read, or a clear error
+    arch = family.gguf_architecture
+    if f"{arch}.rope.scaling.type" in reader.fields or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise GGUFError(f"{source}: GGUF rope scaling is not supported; load the model's HF directory instead")
-    num_heads = int(_field(reader, "llama.attention.head_count", source))
-    hidden = int(_field(reader, "llama.embedding_length", source))
-    head_dim = int(_field(reader, "llama.attention.key_length", source,
-                          _field(reader, "llama.rope.dimension_count", source, hidden // num_heads)))
+    num_heads = int(_field(reader, f"{arch}.attention.head_count", source))
+    hidden = int(_field(reader, f"{arch}.embedding_length", source))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", source,
+                          _field(reader, f"{arch}.rope.dimension_count", source, hidden // num_heads)))
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -85,15 +89,16 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     return ModelConfig(
         vocab_size=int(embed.shape[1]),  # GGUF shapes are innermost-first: [D, V]
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length", source)),
-        num_layers=int(_field(reader, "llama.block_count", source)),
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", source)),
+        num_layers=int(_field(reader, f"{arch}.block_count", source)),
         num_heads=num_heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", source, num_heads)),
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", source, num_heads)),
         head_dim=head_dim,
-        rope_theta=_float32_value(_field(reader, "llama.rope.freq_base", source, 10000.0)),
-        rms_norm_eps=_float32_value(_field(reader, "llama.attention.layer_norm_rms_epsilon", source)),
+        rope_theta=_float32_value(_field(reader, f"{arch}.rope.freq_base", source, 10000.0)),
+        rms_norm_eps=_float32_value(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", source)),
         tie_embeddings=tied,
-        max_position_embeddings=int(_field(reader, "llama.context_length", source, 2048)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", source, 2048)),
+        family=family.name,
     )
 
 
@@ -121,7 +126,7 @@ def unpermute_rows(w_RxC: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> dict[str, np.ndarray]:
-    """Every weight as an fp32 array in HF naming and [out, in] layout, Q/K un-permuted."""
+    """Every weight as an fp32 array in HF naming and [out, in] layout, Q/K un-permuted where llama.cpp permuted them."""
     family = gguf_family(reader, source)
     tensors = {}
     for tensor in reader.tensors:
@@ -132,7 +137,9 @@ def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> d
         except NotImplementedError:
             raise GGUFError(f"{source}: tensor {tensor.name} uses {tensor.tensor_type.name}, which gguf cannot dequantize") from None
         w = np.asarray(w, np.float32).reshape(shape)
-        if name.endswith("q_proj.weight"):
+        if not family.gguf_qk_permuted:
+            pass
+        elif name.endswith("q_proj.weight"):
             w = unpermute_rows(w, config.num_heads)
         elif name.endswith("k_proj.weight"):
             w = unpermute_rows(w, config.num_kv_heads)
@@ -141,7 +148,7 @@ def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> d
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray], gguf.GGUFReader]:
-    """(config, HF-named fp32 tensors, the open reader for the tokenizer) of a llama GGUF file."""
+    """(config, HF-named fp32 tensors, the open reader for the tokenizer) of a GGUF file."""
     reader = open_reader(path)
     config = config_from_gguf(reader, str(path))
     return config, read_tensors(reader, config, str(path)), reader

@@ -7,6 +7,8 @@ numpy arrays in models/llama.py's layout. HF stores every projection as a torch 
     q_DxNxH = q_proj.weight.T.reshape(D, N, H)      o_NxHxD = o_proj.weight.T.reshape(N, H, D)
     gate_DxF = gate_proj.weight.T                   down_FxD = down_proj.weight.T
     embed_VxD = embed_tokens.weight                 lm_head_DxV = lm_head.weight.T
+    q_bias_NxH = q_proj.bias.reshape(N, H)          (Qwen2; k and v biases alike, with K heads)
+    q_norm.scale = q_norm.weight                    (Qwen3; k_norm alike: one head_dim vector each)
 
 Both use RoPE's rotate-half pairing (i, i + H/2), so no permutation is needed (GGUF files differ:
 models/gguf_io.py undoes theirs before calling into here).
@@ -85,7 +87,8 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
     family = family_of(data, source)
     for flag in ("attention_bias", "mlp_bias"):
         if data.get(flag):
-            raise HFModelError(f"{source}: {flag}=true is not supported (our Llama has no biases)")
+            raise HFModelError(f"{source}: {flag}=true is not supported (cairl's {family.name} model has no biases "
+                               f"on the {'attention output' if flag == 'attention_bias' else 'MLP'} projections)")
     if data.get("hidden_act", "silu") != "silu":
         raise HFModelError(f"{source}: hidden_act {data['hidden_act']!r} is not supported; expected 'silu'")
     theta, scaling = _rope_from_hf(data, source)
@@ -93,7 +96,10 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
         num_heads = int(data["num_attention_heads"])
         hidden = int(data["hidden_size"])
         max_positions = int(data.get("max_position_embeddings", 2048))
-        window = data.get("sliding_window") if family.sliding_window_caps_context else None
+        # Mistral's window always applies; Qwen's only when use_sliding_window says so (their configs
+        # carry a sliding_window value either way).
+        slides = family.sliding_window_caps_context or bool(data.get("use_sliding_window"))
+        window = data.get("sliding_window") if slides else None
         if window is not None and int(window) < max_positions:
             # Within the window sliding attention *is* full causal attention: cap the context there.
             log.info("%s: sliding_window %s < max_position_embeddings %s; capping the context at the window",
@@ -112,6 +118,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(data.get("tie_word_embeddings", False)),
             max_position_embeddings=max_positions,
+            family=family.name,
         )
     except KeyError as e:
         raise HFModelError(f"{source}: missing required key {e.args[0]!r}") from None
@@ -123,10 +130,12 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
 
 def config_to_hf(config: ModelConfig, *, torch_dtype: str, bos_id: int | None, eos_id: int | None,
                  pad_id: int | None) -> dict[str, Any]:
-    """A LlamaForCausalLM config.json for `config`, readable by transformers 4.x and 5.x."""
+    """A config.json of `config`'s family (LlamaForCausalLM, Qwen2ForCausalLM...), readable by transformers
+    4.x and 5.x."""
+    family = families.by_name(config.family)
     data: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.hf_architecture],
+        "model_type": family.hf_model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -149,6 +158,7 @@ def config_to_hf(config: ModelConfig, *, torch_dtype: str, bos_id: int | None, e
         "pad_token_id": pad_id,
         "use_cache": True,
     }
+    data.update(family.hf_config_extras)
     if config.rope_scaling is not None:
         s = config.rope_scaling
         data["rope_scaling"] = {
@@ -180,20 +190,22 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 # -- weights ------------------------------------------------------------------------------------------
 
-def hf_names(config: ModelConfig, family: families.Family = families.LLAMA) -> dict[str, ParamPath]:
+def hf_names(config: ModelConfig) -> dict[str, ParamPath]:
     """HF tensor name -> our parameter path, for every weight `config` has (lm_head only when untied)."""
-    return family.hf_names(config.num_layers, config.tie_embeddings)
+    return families.by_name(config.family).hf_names(config.num_layers, config.tie_embeddings)
 
 
 def _hf_shape(path: ParamPath, config: ModelConfig) -> tuple[int, ...]:
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     n, k, h = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    leaf = path[-1]
+    if path[-2:] in (("q_norm", "scale"), ("k_norm", "scale")):
+        return (h,)  # Qwen3's per-head norms: one head_dim vector
     return {
         "embed_VxD": (v, d), "lm_head_DxV": (v, d), "scale": (d,),
         "q_DxNxH": (n * h, d), "k_DxKxH": (k * h, d), "v_DxKxH": (k * h, d), "o_NxHxD": (d, n * h),
         "gate_DxF": (f, d), "up_DxF": (f, d), "down_FxD": (d, f),
-    }[leaf]
+        "q_bias_NxH": (n * h,), "k_bias_KxH": (k * h,), "v_bias_KxH": (k * h,),
+    }[path[-1]]
 
 
 def hf_to_ours(path: ParamPath, w: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -202,6 +214,10 @@ def hf_to_ours(path: ParamPath, w: np.ndarray, config: ModelConfig) -> np.ndarra
     leaf = path[-1]
     if leaf in ("embed_VxD", "scale"):
         return w
+    if leaf == "q_bias_NxH":
+        return w.reshape(n, h)
+    if leaf in ("k_bias_KxH", "v_bias_KxH"):
+        return w.reshape(k, h)
     if leaf == "q_DxNxH":
         return w.T.reshape(d, n, h)
     if leaf in ("k_DxKxH", "v_DxKxH"):
@@ -216,6 +232,8 @@ def ours_to_hf(path: ParamPath, w: np.ndarray, config: ModelConfig) -> np.ndarra
     leaf = path[-1]
     if leaf in ("embed_VxD", "scale"):
         return np.ascontiguousarray(w)
+    if leaf in ("q_bias_NxH", "k_bias_KxH", "v_bias_KxH"):
+        return np.ascontiguousarray(w.reshape(-1))
     if leaf in ("q_DxNxH", "k_DxKxH", "v_DxKxH"):
         return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
     if leaf == "o_NxHxD":
@@ -227,10 +245,9 @@ def ours_to_hf(path: ParamPath, w: np.ndarray, config: ModelConfig) -> np.ndarra
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str,
-                   family: families.Family = families.LLAMA) -> Params:
-    """Our flat params from HF-named tensors of `family`; missing, unexpected or mis-shaped tensors raise."""
-    names = hf_names(config, family)
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, source: str) -> Params:
+    """Our flat params from HF-named tensors of `config.family`; missing, unexpected or mis-shaped tensors raise."""
+    names = hf_names(config)
     missing = [name for name in names if name not in tensors]
     if missing:
         raise HFModelError(
@@ -242,7 +259,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, sourc
     if unexpected:
         raise HFModelError(
             f"{source}: unexpected weights {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; cairl's "
-            f"Llama has no such parameters (biases? a different architecture?)"
+            f"{config.family} model has no such parameters (biases? a different architecture?)"
         )
     params: Params = {}
     for name, path in names.items():

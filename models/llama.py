@@ -83,10 +83,12 @@ _normal = jax.nn.initializers.normal(0.02)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    """Over the last axis: the hidden states (by default) or, for Qwen3's q/k norms, each head's head_dim."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, size: int | None = None, axis: str = "embed"):
         self.eps = config.rms_norm_eps
         self.dtype = jnp.dtype(config.dtype)
-        self.scale = _param(jax.nn.initializers.ones, rngs, (config.hidden_size,), config.param_dtype, ("embed",))
+        self.scale = _param(jax.nn.initializers.ones, rngs, (size or config.hidden_size,), config.param_dtype, (axis,))
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         # Normalise in fp32 whatever the compute dtype: bf16 sums of squares lose too much.
@@ -103,6 +105,15 @@ class Attention(nnx.Module):
         self.k_DxKxH = _param(_normal, rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
         self.v_DxKxH = _param(_normal, rngs, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
         self.o_NxHxD = _param(_normal, rngs, (n, h, d), pd, ("heads", "head_dim", "embed"))
+        if config.qkv_bias:  # Qwen2
+            zeros = jax.nn.initializers.zeros
+            self.q_bias_NxH = _param(zeros, rngs, (n, h), pd, ("heads", "head_dim"))
+            self.k_bias_KxH = _param(zeros, rngs, (k, h), pd, ("kv_heads", "head_dim"))
+            self.v_bias_KxH = _param(zeros, rngs, (k, h), pd, ("kv_heads", "head_dim"))
+        if config.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(config, rngs, h, "head_dim")
+            self.k_norm = RMSNorm(config, rngs, h, "head_dim")
+        self.qkv_bias, self.qk_norm = config.qkv_bias, config.qk_norm
         # A tuple, not an array: module attributes that are not Variables must be hashable (static).
         self.inv_freq = tuple(inverse_frequencies(h, config.rope_theta, config.rope_scaling).tolist())
         self.dtype = jnp.dtype(config.dtype)
@@ -123,6 +134,12 @@ class Attention(nnx.Module):
         q_BxTxNxH = project(x_BxTxD, self.q_DxNxH[...].astype(dt), transposed.get("q"))
         k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt), transposed.get("k"))
         v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt), transposed.get("v"))
+        if self.qkv_bias:
+            q_BxTxNxH = q_BxTxNxH + self.q_bias_NxH[...].astype(dt)
+            k_BxTxKxH = k_BxTxKxH + self.k_bias_KxH[...].astype(dt)
+            v_BxTxKxH = v_BxTxKxH + self.v_bias_KxH[...].astype(dt)
+        if self.qk_norm:
+            q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, positions_BxT, self.inv_freq), ("batch", "length", "heads", "head_dim"), self.mesh_rules)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.inv_freq)
         if cache is None:  # a full sequence: training and scoring

@@ -2,9 +2,11 @@
 
 Accepted sources, tried in this order:
   * a registry name (`smollm2-135m-instruct`): fetched into the cache on first use (models/fetch.py);
-  * a `.gguf` file (llama architecture, any quantization `gguf` can dequantize);
+  * a `.gguf` file (llama, qwen2 or qwen3 architecture, any quantization `gguf` can dequantize);
   * a Hugging Face model directory (config.json + model.safetensors or sharded with an index);
-  * a cairl run directory: its `hf/` export.
+  * a cairl run directory: its `hf/` export;
+  * a local name: a HF model directory the user placed at $CAIRL_CACHE/models/<name>/ (e.g. a Qwen
+    checkpoint copied there as `qwen2.5-0.5b-instruct`); never downloaded.
 
     loaded = load("smollm2-135m-instruct")                       # LoadedModel(config, model, tokenizer, source)
     ckpt = load_checkpoint(path)                                  # host-side config + numpy params + tokenizer
@@ -84,29 +86,41 @@ def resolve(source: str) -> tuple[str, Path]:
         hf_io.read_config(path)  # raises the "no config.json" error with its explanation
     if "/" in source or source.endswith(".gguf") or source.startswith("."):
         raise ModelSourceError(f"model {source!r}: no such file or directory; {_describe_sources()}")
+    local = _local_model_dir(source)  # after paths: a directory named like this here is what the user meant
+    if local is not None:
+        return "hf", local
+    models = fetch.cache_root() / "models"
+    local_names = sorted(p.parent.name for p in models.glob("*/config.json") if p.parent.name not in fetch.EMBEDDED)
     raise ModelSourceError(
-        f"unknown model name {source!r}; known models: {', '.join(sorted(fetch.EMBEDDED))} (or give a path to a "
+        f"unknown model name {source!r}; known models: {', '.join(sorted(fetch.EMBEDDED) + local_names)} (a Hugging "
+        f"Face model directory placed at {models / source} is known by that name; or give a path to a "
         f"Hugging Face model directory, a .gguf file or a cairl run directory)"
     )
+
+
+def _local_model_dir(name: str) -> Path | None:
+    """$CAIRL_CACHE/models/<name> when it holds a HF model directory and `name` is a plain name."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    directory = fetch.cache_root() / "models" / name
+    return directory if (directory / "config.json").is_file() else None
 
 
 def load_checkpoint(source: str) -> Checkpoint:
     """Config, host params and tokenizer of `source` (see the module docstring for what it may be)."""
     kind, path = resolve(source)
     if kind == "gguf":
-        from models.gguf_io import gguf_family, read_gguf
+        from models.gguf_io import read_gguf
         from models.tokenizer import tokenizer_from_gguf
 
         config, tensors, reader = read_gguf(path)
-        family = gguf_family(reader, str(path))
         tokenizer = tokenizer_from_gguf(reader, source=str(path))
     else:
-        config, raw = hf_io.read_config(path)
-        family = hf_io.family_of(raw, str(path))
+        config, _ = hf_io.read_config(path)
         tensors = hf_io.read_weights(path)
         tokenizer = load_tokenizer(path)
     check_vocab_fits(tokenizer, config.vocab_size, source=str(path))
-    params = hf_io.params_from_hf(tensors, config, str(path), family)
+    params = hf_io.params_from_hf(tensors, config, str(path))
     return Checkpoint(config=config, params=params, tokenizer=tokenizer, source=source, path=path)
 
 

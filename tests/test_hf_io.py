@@ -260,10 +260,12 @@ def test_every_family_maps_every_parameter_once():
     from models.llama import Llama
 
     for tied in (True, False):
-        config = preset("tiny").replace(tie_embeddings=tied)
-        model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
-        ours = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         for family in families.FAMILIES:
+            config = preset("tiny").replace(tie_embeddings=tied, family=family.name)
+            model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
+            flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+            ours = {tuple(p) for p, _ in flat}
+            assert sum(int(np.prod(v.shape)) for _, v in flat) == config.num_params(), family.name
             names = family.hf_names(config.num_layers, config.tie_embeddings)
             assert sorted(names.values(), key=str) == sorted(ours, key=str), family.name
             assert list(names)[0] == "model.embed_tokens.weight" and list(names)[1].startswith("model.layers.0.")
@@ -272,3 +274,4 @@ def test_every_family_maps_every_parameter_once():
             assert set(gguf) <= set(family.hf_names(config.num_layers, False)), family.name
     assert families.by_hf_architecture("MistralForCausalLM").sliding_window_caps_context
     assert families.by_gguf_architecture("llama") is families.LLAMA
+    assert families.by_gguf_architecture("qwen3") is families.QWEN3 and not families.QWEN3.gguf_qk_permuted

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from models.config import AttentionImpl
+from models.lora import LoraConfig
 from models.sampling import SamplingParams
 from models.errors import UserError
 from trainer import configlib
@@ -48,6 +49,9 @@ class ModelSection:
     attention: AttentionImpl = "xla"
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~⅓ more FLOPs)
     scan_layers: bool = False  # run the blocks under lax.scan (deep models compile much faster; see models/config.py)
+    # LoRA adapters on the frozen model for every training stage ({rank, alpha, dropout, targets}; see
+    # models/lora.py); absent: full fine-tuning.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if not self.source:

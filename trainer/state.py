@@ -4,6 +4,10 @@ A `TrainState` is a pytree: parameters (an `nnx.State` of `nnx.Param`), the opta
 update counter, an RNG key (raw uint32[2], so Orbax stores it like any array) and the count of
 consecutive skipped (non-finite) updates. The model's graph definition and the optax
 transformation ride along as static fields: they are code, not data, and are never checkpointed.
+
+With LoRA (models/lora.py) `params` holds only what is trained (the adapters, and a scalar model's
+head) and `frozen` the base weights, which no optimizer state mirrors; `model()` runs on the merged
+weights, so every loss written against `state.model(params)` trains the adapters unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from models import lora as loralib
 from models.errors import UserError
 from models.sharding import MeshRules, state_shardings  # noqa: F401  (re-exported: the trainer's states use it)
 from trainer.optim import OptimizerConfig, make_optimizer
@@ -34,21 +39,34 @@ class TrainState:
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     grad_accum_steps: int = struct.field(pytree_node=False, default=1)  # micro-batches per update
+    frozen: nnx.State | None = None  # LoRA: the base weights, never updated; None: full fine-tuning
+    lora: loralib.LoraSpec | None = struct.field(pytree_node=False, default=None)
 
     def model(self, params: nnx.State | None = None) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params if params is None else params)
+        return nnx.merge(self.graphdef, self.full_params(params))
+
+    def full_params(self, params: nnx.State | None = None) -> nnx.State:
+        """Every parameter of the model (LoRA: base + adapters merged): what samplers, later stages and
+        exports use."""
+        params = self.params if params is None else params
+        return params if self.lora is None else loralib.merge(self.frozen, params, self.lora)
 
 
 def _new_state(graphdef: nnx.GraphDef, params: nnx.State, tx: optax.GradientTransformation, seed: int,
-               grad_accum_steps: int) -> TrainState:
+               grad_accum_steps: int, lora: loralib.LoraSpec | None = None) -> TrainState:
     """The one constructor of a fresh train state around `params` (traced inside `jax.jit`).
 
     The step's RNG key is the second half of `split(PRNGKey(seed))`, the first being the one a
-    fresh model initialises its weights from, so the two never share random numbers."""
+    fresh model initialises its weights from, so the two never share random numbers; LoRA adapters
+    draw from `fold_in(PRNGKey(seed), 2)`, apart from both."""
     train_key = jax.random.split(jax.random.PRNGKey(seed))[1]
+    frozen = None
+    if lora is not None:
+        frozen, params = loralib.split(params, lora, jax.random.fold_in(jax.random.PRNGKey(seed), 2))
     return TrainState(
         params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=train_key,
         nonfinite_streak=jnp.zeros((), jnp.int32), graphdef=graphdef, tx=tx, grad_accum_steps=grad_accum_steps,
+        frozen=frozen, lora=lora,
     )
 
 
@@ -59,17 +77,17 @@ def _split_params(model: nnx.Module, what: str) -> tuple[nnx.GraphDef, nnx.State
     return graphdef, params
 
 
-def _init_state(model_factory, tx, seed: int, grad_accum_steps: int) -> TrainState:
+def _init_state(model_factory, tx, seed: int, grad_accum_steps: int, lora: loralib.LoraSpec | None) -> TrainState:
     params_key = jax.random.split(jax.random.PRNGKey(seed))[0]
     graphdef, params = _split_params(model_factory(nnx.Rngs(params=params_key)), "create_train_state")
-    return _new_state(graphdef, params, tx, seed, grad_accum_steps)
+    return _new_state(graphdef, params, tx, seed, grad_accum_steps, lora)
 
 
 def abstract_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimizer_config: OptimizerConfig,
-                         mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+                         mesh_rules: MeshRules, seed: int = 0, lora: loralib.LoraSpec | None = None) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it (for restore and AOT compile)."""
     tx = make_optimizer(optimizer_config)
-    abstract = jax.eval_shape(lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps))
+    abstract = jax.eval_shape(lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps, lora))
     shardings = state_shardings(abstract, mesh_rules)
     return with_shardings(abstract, shardings)
 
@@ -84,7 +102,7 @@ def with_shardings(abstract, shardings):
 
 
 def create_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimizer_config: OptimizerConfig,
-                       mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+                       mesh_rules: MeshRules, seed: int = 0, lora: loralib.LoraSpec | None = None) -> TrainState:
     """Initialise params, optimizer state and RNG directly sharded.
 
     `model_factory(rngs)` builds the module (closing over its ModelConfig, which sets remat and
@@ -92,27 +110,28 @@ def create_train_state(model_factory: Callable[[nnx.Rngs], nnx.Module], optimize
     abstract evaluation first, so no device ever holds a replicated copy of the weights.
     """
     tx = make_optimizer(optimizer_config)
-    init = lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps)  # noqa: E731
+    init = lambda: _init_state(model_factory, tx, seed, optimizer_config.grad_accum_steps, lora)  # noqa: E731
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), mesh_rules))()
 
 
 def train_state_from_model(model: nnx.Module, optimizer_config: OptimizerConfig, mesh_rules: MeshRules,
-                           seed: int = 0) -> TrainState:
+                           seed: int = 0, lora: loralib.LoraSpec | None = None) -> TrainState:
     """A train state around an existing model (e.g. pretrained weights already placed by
     `models.sharding`): the optimizer state is created on the parameters' own shardings."""
     graphdef, params = _split_params(model, "train_state_from_model")
-    return train_state_from_params(graphdef, params, optimizer_config, mesh_rules, seed)
+    return train_state_from_params(graphdef, params, optimizer_config, mesh_rules, seed, lora)
 
 
 def train_state_from_params(graphdef: nnx.GraphDef, params: nnx.State, optimizer_config: OptimizerConfig,
-                            mesh_rules: MeshRules, seed: int = 0) -> TrainState:
+                            mesh_rules: MeshRules, seed: int = 0, lora: loralib.LoraSpec | None = None) -> TrainState:
     """A train state around parameters already on the devices (another stage's weights, a restored
     checkpoint), built sharded on the devices. The state holds a *copy*: its steps donate their input
-    state, and `params` may still be in use elsewhere (e.g. as the frozen reference policy)."""
+    state, and `params` may still be in use elsewhere (e.g. as the frozen reference policy). With
+    `lora`, `params` become the frozen base and fresh adapters are trained on top."""
     tx = make_optimizer(optimizer_config)
 
     def init(p):
-        return _new_state(graphdef, jax.tree.map(jnp.copy, p), tx, seed, optimizer_config.grad_accum_steps)
+        return _new_state(graphdef, jax.tree.map(jnp.copy, p), tx, seed, optimizer_config.grad_accum_steps, lora)
 
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), mesh_rules))(params)
 

@@ -13,10 +13,17 @@ from __future__ import annotations
 from models.families.base import Family, ParamPath
 from models.families.llama import LLAMA
 from models.families.mistral import MISTRAL
+from models.families.qwen2 import QWEN2
+from models.families.qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
 
-__all__ = ["FAMILIES", "Family", "ParamPath", "by_hf_architecture", "by_hf_model_type", "by_gguf_architecture"]
+__all__ = ["FAMILIES", "Family", "ParamPath", "by_name", "by_hf_architecture", "by_hf_model_type",
+           "by_gguf_architecture"]
+
+
+def by_name(name: str) -> Family | None:
+    return next((f for f in FAMILIES if f.name == name), None)
 
 
 def by_hf_architecture(architecture: str) -> Family | None:

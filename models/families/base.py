@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 ParamPath = tuple[str | int, ...]
 
@@ -19,6 +20,15 @@ class Family:
     gguf_global_names: Mapping[str, str]  # GGUF tensor name -> HF tensor name, outside the layers
     gguf_layer_names: Mapping[str, str]  # name after "blk.<i>." -> name after "model.layers.<i>."
     sliding_window_caps_context: bool = False  # config.json "sliding_window" < positions caps the context
+    # Structure beyond Llama's (models/llama.py builds what ModelConfig.family's entry asks for):
+    qkv_bias: bool = False  # q, k and v projections carry biases (Qwen2); o never does
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
+    # llama.cpp's converter permutes Q/K rows only for architectures it runs with GPT-J-style RoPE
+    # (llama); NeoX-style ones (qwen2, qwen3) keep HF's row order (see models/gguf_io.py).
+    gguf_qk_permuted: bool = True
+    # Written into an exported config.json over the defaults transformers would fill in: our context is
+    # capped at any sliding window on import, so an export declares full attention.
+    hf_config_extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def hf_names(self, num_layers: int, tie_embeddings: bool) -> dict[str, ParamPath]:
         """HF tensor name -> our parameter path, for every weight (the LM head only when untied), in HF's

@@ -6,4 +6,5 @@ import dataclasses
 from models.families.llama import LLAMA
 
 MISTRAL = dataclasses.replace(LLAMA, name="mistral", hf_architecture="MistralForCausalLM", hf_model_type="mistral",
-                              gguf_architecture=None, sliding_window_caps_context=True)
+                              gguf_architecture=None, sliding_window_caps_context=True,
+                              hf_config_extras={"sliding_window": None})

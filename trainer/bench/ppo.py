@@ -1,6 +1,7 @@
 """PPO update throughput (policy + value, random init) against the measured matmul peak.
 
     cairl bench ppo --model smollm2-135m --batch 4 --seq-len 256
+    cairl bench ppo --model smollm2-135m --batch 4 --seq-len 256 --lora 16    # the same with LoRA adapters
 
 Times the whole jitted PPO update (reward shaping, GAE, policy and value forward + backward, two
 AdamW updates) after a warm-up call, and a large fp32 matmul on the same devices in the same run,
@@ -9,6 +10,9 @@ by process CPU time instead (× the threads in use), which other processes' load
 model_flops counts matmul FLOPs only (6 × matmul parameters × tokens, plus
 attention scores and values), the usual MFU convention; everything else the step does
 (log-softmax and entropy over the vocabulary, norms, the optimizer) is overhead against it.
+With --lora the FLOP count is left as for full fine-tuning (the adapters' own products are small),
+so time and memory compare directly; `trainable_params` and `state_bytes` (params, frozen base and
+optimizer moments of both models) show what LoRA saves where the device reports no peak memory (CPU).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="compute dtype (params stay fp32)")
     parser.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="full-sequence attention kernel")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="train LoRA adapters of this rank on a frozen base (0: full fine-tuning)")
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                        help="comma-separated modules that get adapters (as model.lora.targets)")
     parser.add_argument("--runs", type=int, default=3, help="timed updates after the warm-up (median reported)")
     parser.add_argument("--matmul-size", type=int, default=0,
                         help="n of the n×n×n matmul measuring the peak (0: 2048 on CPU, 8192 on accelerators)")
@@ -111,6 +119,7 @@ def synthetic_batch(config, batch: int, length: int, response_len: int, seed: in
 def run(args) -> dict:
     import jax
 
+    from models import lora
     from models.config import preset
     from models.llama import Llama, ScalarModel
     from trainer.mesh import MeshConfig, build_mesh_rules
@@ -123,7 +132,13 @@ def run(args) -> dict:
             raise UserError(f"bench ppo: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.response_len >= args.seq_len:
         raise UserError("bench ppo: --response-len must be smaller than --seq-len")
+    if args.lora < 0:
+        raise UserError(f"bench ppo: --lora must be a rank ≥ 1, or 0 for full fine-tuning, got {args.lora}")
     config = preset(args.model).replace(dtype=args.dtype, remat=args.remat, attention=args.attention)
+    spec = None
+    if args.lora:  # alpha = 2 × rank, a common choice; it scales the update, not the cost
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        spec = lora.resolve(config, lora.LoraConfig(rank=args.lora, alpha=2.0 * args.lora, targets=targets))
     device = jax.devices()[0]
     mesh_rules = build_mesh_rules(MeshConfig(data=1), devices=[device])
     optimizer = OptimizerConfig(learning_rate=1e-6, grad_accum_steps=args.grad_accum)
@@ -132,9 +147,11 @@ def run(args) -> dict:
 
     peak_before, peak_before_cpu = measure_matmul_peak(matmul_size, config.dtype)
     log.info("matmul peak %.3g FLOP/s; creating policy and value states", peak_before)
-    policy = create_train_state(lambda r: Llama(config, r, mesh_rules), optimizer, mesh_rules, 0)
-    value = create_train_state(lambda r: ScalarModel(config, r, mesh_rules), optimizer, mesh_rules, 1)
+    policy = create_train_state(lambda r: Llama(config, r, mesh_rules), optimizer, mesh_rules, 0, spec)
+    value = create_train_state(lambda r: ScalarModel(config, r, mesh_rules), optimizer, mesh_rules, 1, spec)
     state = create_ppo_state(policy, value, ppo.kl)
+    trainable_params = sum(x.size for s in (policy, value) for x in jax.tree.leaves(s.params))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     step = make_ppo_step(state, ppo, mesh_rules)
     batch = jax.device_put(synthetic_batch(config, args.batch, args.seq_len, args.response_len))
     log.info("states ready; compiling and running the first update")
@@ -167,6 +184,9 @@ def run(args) -> dict:
         "dtype": args.dtype,
         "remat": args.remat,
         "attention": args.attention,
+        "lora_rank": args.lora,
+        "trainable_params": trainable_params,
+        "state_bytes": state_bytes,
         "median_s": median_s,
         "run_s": [round(t, 3) for t in times],
         "compile_s": max(first_s - median_s, 0.0),

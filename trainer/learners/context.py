@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from models import lora as loralib
 from models.config import ModelConfig
 from models.sharding import MeshRules, state_shardings
 from models.tokenizer import Tokenizer
@@ -35,6 +36,12 @@ class LearnerContext:
     model_config: ModelConfig  # the policy architecture at the run's compute dtype
     tokenizer: Tokenizer
     handoff: dict[str, nnx.State] = dataclasses.field(default_factory=dict)  # on-device params finished stages leave
+    # model.lora resolved against the model: which weights train adapters (None: full fine-tuning). Resolved
+    # here, when the learner starts, so a target that matches nothing stops the run before any stage runs.
+    lora: loralib.LoraSpec | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self):
+        self.lora = loralib.resolve(self.model_config, self.config.model.lora)
 
     # ------------------------------------------------------------------------------ model shapes
 
@@ -71,11 +78,15 @@ class LearnerContext:
 
     def train_state(self, factory: ModelFactory, params: nnx.State, optimizer: OptimizerConfig,
                     seed: int) -> TrainState:
-        """A fresh train state holding a copy of `params` (which stay usable: steps donate their state)."""
-        return train_state_from_params(self.graphdef(factory), params, optimizer, self.rules, seed)
+        """A fresh train state holding a copy of `params` (which stay usable: steps donate their state);
+        with model.lora, `params` are its frozen base under fresh adapters."""
+        return train_state_from_params(self.graphdef(factory), params, optimizer, self.rules, seed, self.lora)
 
-    def abstract_state(self, factory: ModelFactory, optimizer: OptimizerConfig, seed: int) -> TrainState:
-        return abstract_train_state(factory, optimizer, self.rules, seed)
+    def abstract_state(self, factory: ModelFactory, optimizer: OptimizerConfig, seed: int,
+                       trainable: bool = True) -> TrainState:
+        """The train state's shapes; `trainable=False`: as if fully fine-tuned, whose `params` are the whole
+        model (the layout of the <stage>-params checkpoints `hand_on` writes)."""
+        return abstract_train_state(factory, optimizer, self.rules, seed, self.lora if trainable else None)
 
     # ---------------------------------------------------------------------------------- weights
 
@@ -112,20 +123,42 @@ class LearnerContext:
 
     def hand_on(self, name: str, stage: str, state: TrainState) -> None:
         """At the end of `stage`: its parameters saved alone in checkpoints/<stage>-params (what a resumed
-        run restores; a third of the full state) and kept on the devices for the stages after it."""
+        run restores; a third of the full state) and kept on the devices for the stages after it. With
+        LoRA these are the merged weights: later stages start from the trained model either way."""
+        params = state.full_params()
         ckpt = Checkpointer(self.run_dir / "checkpoints" / f"{stage}-params",
                             CheckpointConfig(every_steps=1, keep=1, async_save=False))
         try:
             step = int(state.step)
             if step not in ckpt.all_steps():
-                ckpt.save(step, state.params, {}, force=True)
+                ckpt.save(step, params, {}, force=True)
                 ckpt.wait()
         finally:
             ckpt.close()
-        self.handoff[name] = state.params
+        self.handoff[name] = params
+
+    def write_adapter(self, stage: str, state: TrainState, base_model: str, stacked_on: str | None = None) -> None:
+        """The stage's LoRA adapters alone, as a PEFT adapter directory at adapters/<stage>/ that `peft`
+        loads onto `base_model`; `stacked_on`: the earlier stage whose merged weights this one trained on
+        (its adapter is included, see models/peft_export.py). Collective: every process calls it."""
+        from models.peft_export import export_adapter
+        from trainer.distributed import gather_to_host
+
+        adapters = {p: v[...] for p, v in nnx.to_flat_state(state.params) if p[-1] in ("lora_a", "lora_b")}
+        host = gather_to_host(adapters)
+        if jax.process_index() == 0:
+            earlier = None if stacked_on is None else self.run_dir / "adapters" / stacked_on
+            export_adapter(self.run_dir / "adapters" / stage, host, self.lora, base_model=base_model,
+                           stacked_on=earlier)
+
+    def initial_model_path(self) -> str:
+        """Where the initial model's weights are (what a PEFT adapter of this run goes on)."""
+        from models.sources import resolve
+
+        return str(resolve(self.config.model.source)[1])
 
     def restore_params(self, stage: str, factory: ModelFactory, optimizer: OptimizerConfig) -> nnx.State:
-        abstract = self.abstract_state(factory, optimizer, self.config.run.seed)
+        abstract = self.abstract_state(factory, optimizer, self.config.run.seed, trainable=False)
         ckpt = self.checkpointer(f"{stage}-params")
         try:
             restored = ckpt.restore(abstract.params)

@@ -8,6 +8,7 @@ preference model the rm stage's; the policy and value train states hold copies (
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -15,7 +16,10 @@ import numpy as np
 from flax import nnx
 
 from trainer.learners.base import StageLearner, pad_rows
+from trainer.pipeline_state import StageRecord
 from trainer.learners.requests import Metrics, Rollout, StageStart
+
+log = logging.getLogger(__name__)
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -54,11 +58,23 @@ class PPOLearner(StageLearner):
         return int(self.state.policy.step)
 
     def finish(self) -> None:
-        """The RL policy saved alone in checkpoints/ppo-params (what `cairl eval RUN:rl` reads) and handed on."""
+        """The RL policy saved alone in checkpoints/ppo-params (what `cairl eval RUN:rl` reads) and handed on;
+        with LoRA also its adapters in PEFT's layout, stacked on SL's when PPO trained on SL's weights, so
+        that the adapter goes on the initial model either way."""
         self.ctx.hand_on("policy", self.stage, self.state.policy)
+        if self.ctx.lora is None:
+            return
+        if not StageRecord(self.ctx.run_dir).done("sl"):  # PPO trained on the initial model itself
+            self.ctx.write_adapter(self.stage, self.state.policy, base_model=self.ctx.initial_model_path())
+        elif (self.ctx.run_dir / "adapters" / "sl" / "adapter_config.json").is_file():
+            self.ctx.write_adapter(self.stage, self.state.policy, base_model=self.ctx.initial_model_path(),
+                                   stacked_on="sl")
+        else:
+            log.warning("the sl stage left no LoRA adapter (it ran without model.lora), so the PPO adapter, which "
+                        "goes on SL's weights, is not written; the merged RL policy is in checkpoints/ppo-params")
 
     def policy_params(self) -> nnx.State:
-        return self.state.policy.params
+        return self.state.policy.full_params()
 
     def _sequence_arrays(self, prompt_ids, response_ids):
         """Right-padded prompt+response rows of one fixed length (one compile), and the response mask.

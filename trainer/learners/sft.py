@@ -38,7 +38,11 @@ class SFTLearner(SupervisedLearner):
         return len(rows)
 
     def policy_params(self) -> nnx.State:
-        return self.state.params
+        return self.state.full_params()
 
     def finish(self) -> None:
+        """The SL policy handed on; with LoRA also its adapters in PEFT's layout, on the initial model
+        (SL always starts from it), whose resolved directory the adapter names as its base."""
         self.ctx.hand_on("policy", self.stage, self.state)
+        if self.ctx.lora is not None:
+            self.ctx.write_adapter(self.stage, self.state, base_model=self.ctx.initial_model_path())

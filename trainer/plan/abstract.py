@@ -104,19 +104,21 @@ def abstract_params(factory, mesh_rules: MeshRules) -> tuple[object, nnx.State]:
 
 
 def abstract_states(config, model_config: ModelConfig, mesh_rules: MeshRules) -> AbstractStates:
+    from models import lora
     from models.llama import Llama, ScalarModel
 
     check_model(mesh_rules, model_config)
+    spec = lora.resolve(model_config, config.model.lora)  # with LoRA the trained states hold adapters + base
     llama = lambda rngs: Llama(model_config, rngs, mesh_rules)  # noqa: E731
     scalar = lambda rngs: ScalarModel(model_config, rngs, mesh_rules)  # noqa: E731
     seed = config.run.seed
     llama_graphdef, reference = abstract_params(lambda: llama(nnx.Rngs(0)), mesh_rules)
     scalar_graphdef, pm_frozen = abstract_params(lambda: scalar(nnx.Rngs(0)), mesh_rules)
     return AbstractStates(
-        policy_sl=abstract_train_state(llama, config.sl.optimizer, mesh_rules, seed),
-        pm=abstract_train_state(scalar, config.rm.optimizer, mesh_rules, seed),
-        policy=abstract_train_state(llama, config.ppo.policy_optimizer, mesh_rules, seed),
-        value=abstract_train_state(scalar, config.ppo.value_optimizer, mesh_rules, seed + 1),
+        policy_sl=abstract_train_state(llama, config.sl.optimizer, mesh_rules, seed, spec),
+        pm=abstract_train_state(scalar, config.rm.optimizer, mesh_rules, seed, spec),
+        policy=abstract_train_state(llama, config.ppo.policy_optimizer, mesh_rules, seed, spec),
+        value=abstract_train_state(scalar, config.ppo.value_optimizer, mesh_rules, seed + 1, spec),
         reference=reference, pm_frozen=pm_frozen, llama_graphdef=llama_graphdef, scalar_graphdef=scalar_graphdef,
     )
 

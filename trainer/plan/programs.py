@@ -62,6 +62,11 @@ def _round_up(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
+def _weights(state):
+    """A train state's model weights: its params, and with LoRA the frozen base they sit on."""
+    return (state.params, state.frozen)
+
+
 def ppo_sequence_length(config) -> int:
     """Tokens per PPO row: the learner pads prompt + response to one fixed length (`Learner._sequence_arrays`)."""
     return _round_up(config.data.max_prompt_tokens + max(config.ppo.max_new_tokens, config.ppo.eval_max_new_tokens))
@@ -75,7 +80,7 @@ def sl_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshR
     batch = _batch(rules, {k: ((b, t), jnp.int32) for k in ("tokens_BxT", "attention_mask_BxT", "loss_mask_BxT")})
     state = states.policy_sl
     return [Program("sft_update", "sl", f"batch {b} × {t} tokens", make_sft_step(state, rules), (state, batch),
-                    state.params, state.opt_state, (), estimate.train_flops(model, b, t, lm_head=True))]
+                    _weights(state), state.opt_state, (), estimate.train_flops(model, b, t, lm_head=True))]
 
 
 def rm_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
@@ -92,9 +97,9 @@ def rm_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshR
     scores = jax.jit(lambda s, tk, m: sequence_scores(s.model(), tk, m))
     return [
         Program("rm_update", "rm", f"{b} pairs × {t} tokens", make_rm_step(state, rules), (state, batch),
-                state.params, state.opt_state, (), estimate.train_flops(model, 2 * b, t, lm_head=False)),
+                _weights(state), state.opt_state, (), estimate.train_flops(model, 2 * b, t, lm_head=False)),
         Program("rm_scores", "rm", f"batch {b} × {t} tokens", scores, (state, tokens["t"], tokens["m"]),
-                state.params, None, (), estimate.forward_flops(model, b, t, lm_head=False)),
+                _weights(state), None, (), estimate.forward_flops(model, b, t, lm_head=False)),
     ]
 
 
@@ -125,11 +130,11 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     return [
         Program("ppo_update", "ppo", f"{shape}, {epochs} epoch(s) × {config.ppo.update.minibatches} minibatch(es)",
                 ppo.make_ppo_step(ppo_state, config.ppo.update, rules), (ppo_state, batch),
-                (policy.params, value.params), (policy.opt_state, value.opt_state), (ref, pm), update_flops),
+                (_weights(policy), _weights(value)), (policy.opt_state, value.opt_state), (ref, pm), update_flops),
         Program("reference_logprobs", "ppo", shape, ref_fn, (ref, tokens["t"], tokens["m"]), ref, None,
                 (ppo_state, pm), forward_lm),
         Program("value_estimates", "ppo", shape, ppo.make_token_fn(value, rules, "values"),
-                (value, tokens["t"], tokens["m"]), value.params, value.opt_state, (policy, ref, pm), forward_scalar),
+                (value, tokens["t"], tokens["m"]), _weights(value), value.opt_state, (policy, ref, pm), forward_scalar),
         Program("pm_scores", "ppo", shape, pm_fn, (pm, tokens["t"], tokens["m"]), pm, None, (ppo_state, ref),
                 forward_scalar),
         _sampler_program(config, model, states, rules, others=(ppo_state, ref, pm)),
