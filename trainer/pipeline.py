@@ -26,6 +26,7 @@ from trainer import configlib
 from trainer.config import RunConfig, redacted, to_yaml
 from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
+from trainer.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,17 @@ def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = ""
         _check_constitution(run_dir, constitution_hash)
         log.info("resuming %s", run_dir)
     elif resume:
-        raise RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
+        raise _not_a_run_dir(run_dir)
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_atomic(saved, to_yaml(config))
     if constitution_hash:
         write_atomic(run_dir / RUN_FILE, json.dumps({"constitution_hash": constitution_hash}) + "\n")
     return run_dir
+
+
+def _not_a_run_dir(run_dir: Path) -> RunDirError:
+    return RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
 
 
 def config_changes(previous: dict, current: dict) -> list[str]:
@@ -263,14 +268,23 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     StopRequested is raised after Ray is shut down. A learner that dies or hangs stops it with a LearnerError
     (trainer/health.py).
     """
-    from trainer import signals
-
     validated = validate(config)
     prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
     if config.run.preflight:  # compile the learner's programs for this host first; refuses what will not fit
         from trainer.plan.preflight import preflight
         preflight(config)
-    run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
+    if resume and not (config.run_dir / "config.yaml").exists():
+        raise _not_a_run_dir(config.run_dir)
+    lock = RunLock.acquire(config.run_dir)  # before anything is written: a second driver refuses here
+    try:
+        run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
+        return _run(config, run_dir, validated, prompts, worker_cls)
+    finally:
+        lock.release()
+
+
+def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, worker_cls) -> Path:
+    from trainer import signals
     from trainer import stages as stage_fns
     from trainer.health import LearnerWatch
     from trainer.metrics import MetricsLog
