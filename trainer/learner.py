@@ -11,8 +11,10 @@ The driver (trainer/stages/*.py) calls, for each stage:
 
 What each call does is the current stage learner's business (trainer/learners/): this class holds
 the context they share — mesh, tokenizer, and the weights finished stages leave on the devices —
-and forwards. One learner per run on one host; a multi-host slice runs one per host under
-jax.distributed, all making the same calls (SPMD).
+and forwards. One learner per run on one host; a multi-host run has one per host (trainer/
+learner_group.py), joined by jax.distributed into one JAX job over one global mesh, every one
+receiving the same calls (SPMD). Checkpoints are saved by all of them together (Orbax); what goes
+to the run directory or the object store otherwise (weights, the export) comes from process 0.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from pathlib import Path
 class Learner:
     """The actor body (wrap with `ray.remote`). `config` is a RunConfig, `run_dir` the run directory."""
 
-    def __init__(self, config, run_dir: str):
+    def __init__(self, config, run_dir: str, distributed=None):
+        """`distributed` (trainer.distributed.DistributedConfig): this process's place in a learner group."""
         from trainer.runtime import configure_jax
 
+        if distributed is not None:
+            from trainer.distributed import initialize
+
+            initialize(distributed)  # before anything touches a device
         configure_jax()
         import jax
 
@@ -36,6 +43,15 @@ class Learner:
         mesh = config.model.mesh
         devices = jax.devices()
         if -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
+            if jax.process_count() > 1 and mesh.data * mesh.fsdp * mesh.tensor != len(devices):
+                from trainer.mesh import MeshError
+
+                # A mesh over some processes' devices only would leave the others with no part of any array.
+                raise MeshError(
+                    f"model.mesh data {mesh.data} × fsdp {mesh.fsdp} × tensor {mesh.tensor} = "
+                    f"{mesh.data * mesh.fsdp * mesh.tensor} devices, but the {jax.process_count()} learner hosts have "
+                    f"{len(devices)} ({jax.local_device_count()} each): a multi-host mesh must span them all "
+                    f"(set one axis to -1 to take the rest)")
             devices = devices[: mesh.data * mesh.fsdp * mesh.tensor]
         rules = build_mesh_rules(mesh, devices)
         initial = load_checkpoint(config.model.source)  # its host weights are dropped at once: stages load their own
@@ -77,19 +93,39 @@ class Learner:
         self.current.finish()
 
     def publish(self, version: int):
-        """The current policy's weights in the object store, as `version`."""
-        from models.sources import host_params
+        """The current policy's weights in the object store, as `version` (put once, by process 0; the
+        others return None after taking part in gathering the weights)."""
+        import jax
+
         from trainer.weights import publish
 
-        return publish(version, host_params(self._policy_params()))
+        params = self._host_policy_params()
+        return publish(version, params) if jax.process_index() == 0 else None
 
-    def export(self, out: str) -> str:
-        """Write the current policy as a Hugging Face directory."""
+    def export(self, out: str) -> str | None:
+        """Write the current policy as a Hugging Face directory (process 0)."""
+        import jax
+
         from models.export import export_params
-        from models.sources import host_params
 
+        params = self._host_policy_params()
+        if jax.process_index() != 0:
+            return None
         config = self.ctx.model_config.replace(dtype="float32")
-        return str(export_params(out, config, host_params(self._policy_params()), self.ctx.tokenizer))
+        return str(export_params(out, config, params, self.ctx.tokenizer))
+
+    def topology(self) -> dict:
+        """This process's place in the run: JAX processes, devices, mesh, host (trainer/topology.py)."""
+        from trainer.topology import describe
+
+        return describe(self.ctx.rules)
+
+    def _host_policy_params(self):
+        """The policy's parameters as host arrays, by path (gathered from every process: all must call)."""
+        from models.sources import host_params
+        from trainer.distributed import gather_to_host
+
+        return host_params(gather_to_host(self._policy_params()))
 
     def _policy_params(self):
         return self.current.policy_params() if self.current is not None else self.ctx.policy_params()

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from models.errors import UserError
-from trainer import configlib
+from trainer import configlib, topology
 from trainer.config import RunConfig, redacted, to_yaml
 from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
 from trainer.run_lock import RunLock
+from trainer.topology import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def validate(config: RunConfig) -> Validated:
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
                      "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.")
-RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
+                     "rollout.num_cpus", "rollout.resources.", "data.data_dir", "model.mesh.", "learner.", "ray.",
+                     "checkpoint.")
+# run.json: what else a resume must match (the constitution's content hash), and the topology (trainer/topology.py)
 
 
 def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = "") -> Path:
@@ -167,7 +169,8 @@ def start_ray(config: RunConfig):
     `ray.address` (token required)."""
     from trainer.ray_auth import private_token, require_join_token
 
-    if not config.ray.address and config.ray.host in ("127.0.0.1", "localhost"):
+    loopback = ("127.0.0.1", "localhost")
+    if (config.ray.address or "").rsplit(":", 1)[0] in loopback or (not config.ray.address and config.ray.host in loopback):
         # Ray otherwise swaps a loopback _node_ip_address for the machine's routable address; with
         # clustering off it keeps every service on the loopback interface. Read when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -248,17 +251,16 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
     import ray
 
     from trainer.dispatch import WorkerPool
-    from trainer.learner import Learner
+    from trainer.learner_group import start_learners
     from trainer.rollout import worker_options
 
-    learner = ray.remote(Learner).options(num_cpus=config.ray.learner_num_cpus, max_restarts=0).remote(
-        config, str(run_dir.absolute()))
+    learners = start_learners(config, run_dir)
     remote_worker = ray.remote(worker_cls)
     handles = [remote_worker.options(**worker_options(config)).remote(config, i)
                for i in range(config.rollout.num_workers)]
     pool = WorkerPool(handles, [f"worker-{i}" for i in range(len(handles))], config.rollout.task_timeout_s,
                       config.rollout.max_staleness, config.rollout.max_restarts)
-    return learner, pool
+    return learners, pool
 
 
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
@@ -291,13 +293,15 @@ def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, 
     from trainer.rollout import RolloutWorker
 
     ray = start_ray(config)
-    learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    learners, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
     signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
-    watch = LearnerWatch(learner, config.ray.learner_timeout_s)
+    watch = LearnerWatch(learners, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts)
     try:
+        per_learner = ray.get([h.topology.remote() for h in learners], timeout=config.ray.learner_timeout_s)
+        topology.record(run_dir, topology.merge(per_learner), ctx.metrics)
         for stage in config.run.stages:
             if ctx.stages.done(stage):
                 log.info("stage %s: done already, skipped", stage)
@@ -329,8 +333,8 @@ def _shut_down(ray, watch, metrics, timeout_s: float) -> None:
     """Let the learner finish its pending checkpoint writes, close the run files, stop Ray — whatever state
     the learner is in (a dead one must not keep Ray running or hide the error that stopped the run)."""
     try:
-        if watch.timed_out is None:
-            ray.get(watch.handle.close.remote(), timeout=timeout_s)
+        if watch.timed_out is None and watch.peer_failed is None:
+            ray.get([h.close.remote() for h in watch.handles], timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - reported, never raised over the run's own outcome
         log.warning("the learner did not close cleanly (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
     watch.stop_watching()

@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from trainer import topology
 from trainer.ledger import read_records
 from trainer.pipeline_state import StageRecord
 
@@ -127,6 +128,7 @@ def write_report(run_dir: str | Path) -> Path:
         if stage in stages:
             lines.append(f"| {stage} | {stages[stage].get('done', False)} | {stages[stage].get('seconds', '—')} |")
     lines.append("")
+    lines += topology.report_lines(run_dir)
     lines += _sl_section(run_dir)
     lines += _label_section(run_dir, stages)
     lines += _ppo_section(run_dir, stages, metrics)

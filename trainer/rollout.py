@@ -187,5 +187,7 @@ class RolloutWorker:
 
 def worker_options(config) -> dict[str, Any]:
     """Ray actor options of a rollout worker."""
+    from trainer.config import ray_resource_options
+
     return {"num_cpus": config.rollout.num_cpus, "max_restarts": config.rollout.max_restarts,
-            "max_task_retries": 0, "max_concurrency": 1}
+            "max_task_retries": 0, "max_concurrency": 1, **ray_resource_options(config.rollout.resources)}
