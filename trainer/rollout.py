@@ -57,6 +57,7 @@ class TaskResult:
     worker: str = ""
     seconds: float = 0.0
     tokens: int = 0  # generated tokens
+    sync_seconds: float = 0.0  # of `seconds`: bringing the policy to the task's weight version (0: had it)
 
 
 def task_seed(run_seed: int, stage: str, uids: Sequence[str], version: int) -> int:
@@ -117,9 +118,11 @@ class RolloutWorker:
     def run(self, task: Task) -> TaskResult:
         start = time.perf_counter()
         policy = self._ensure_policy()
+        sync_start = time.perf_counter()
         state = self._weights.state_for(task.weights)
         if state is not None:
             policy.sampler.update_weights(state)
+        sync_seconds = time.perf_counter() - sync_start if state is not None else 0.0
         version = self._weights.version
         handler = getattr(self, f"_run_{task.kind}", None)
         if handler is None:
@@ -128,7 +131,7 @@ class RolloutWorker:
         for record in records.values():
             record.setdefault("version", version)
         return TaskResult(version=version, records=records, worker=self.name,
-                          seconds=time.perf_counter() - start, tokens=tokens)
+                          seconds=time.perf_counter() - start, tokens=tokens, sync_seconds=sync_seconds)
 
     def _run_rollout(self, policy, task: Task):
         settings: RolloutSettings = task.settings
