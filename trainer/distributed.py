@@ -78,11 +78,17 @@ def initialize(config: DistributedConfig | None = None) -> bool:
     if config.coordinator:
         # The coordinator service listens on the address the others are told (learner 0's, or loopback
         # locally), not on every interface as JAX would by default.
-        jax.distributed.initialize(
-            config.coordinator, num_processes=config.num_processes, process_id=config.process_id,
-            local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s,
-            coordinator_bind_address=config.coordinator,
-        )
+        try:
+            jax.distributed.initialize(
+                config.coordinator, num_processes=config.num_processes, process_id=config.process_id,
+                local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s,
+                coordinator_bind_address=config.coordinator,
+            )
+        except (RuntimeError, ValueError) as err:  # jaxlib's XlaRuntimeError is a RuntimeError
+            raise DistributedError(
+                f"process {config.process_id} of {config.num_processes} could not join the JAX job at "
+                f"{config.coordinator} within {config.timeout_s} s ({str(err).strip().splitlines()[0][:300]}); "
+                f"every host must reach that address") from None
     elif _cluster_detected():
         jax.distributed.initialize(local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s)
     else:

@@ -26,7 +26,20 @@ class Learner:
     """The actor body (wrap with `ray.remote`). `config` is a RunConfig, `run_dir` the run directory."""
 
     def __init__(self, config, run_dir: str, distributed=None):
-        """`distributed` (trainer.distributed.DistributedConfig): this process's place in a learner group."""
+        """`distributed` (trainer.distributed.DistributedConfig): this process's place in a learner group.
+
+        A user problem found here (a mesh that does not fit the hosts, a host that never joined) is raised
+        by the first call, `topology()`: an actor whose constructor raises dies with the error only in
+        a message, and the driver could not tell it from a crash."""
+        from models.errors import UserError
+
+        self.init_error = None
+        try:
+            self._start(config, run_dir, distributed)
+        except UserError as err:
+            self.init_error = err
+
+    def _start(self, config, run_dir: str, distributed) -> None:
         from trainer.runtime import configure_jax
 
         if distributed is not None:
@@ -95,12 +108,15 @@ class Learner:
     def publish(self, version: int):
         """The current policy's weights in the object store, as `version` (put once, by process 0; the
         others return None after taking part in gathering the weights)."""
+        import time
+
         import jax
 
         from trainer.weights import publish
 
+        start = time.perf_counter()
         params = self._host_policy_params()
-        return publish(version, params) if jax.process_index() == 0 else None
+        return publish(version, params, time.perf_counter() - start) if jax.process_index() == 0 else None
 
     def export(self, out: str) -> str | None:
         """Write the current policy as a Hugging Face directory (process 0)."""
@@ -118,6 +134,8 @@ class Learner:
         """This process's place in the run: JAX processes, devices, mesh, host (trainer/topology.py)."""
         from trainer.topology import describe
 
+        if self.init_error is not None:
+            raise self.init_error
         return describe(self.ctx.rules)
 
     def _host_policy_params(self):

@@ -293,7 +293,11 @@ def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, 
     from trainer.rollout import RolloutWorker
 
     ray = start_ray(config)
-    learners, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    try:
+        learners, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    except BaseException:
+        ray.shutdown()
+        raise
     signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
     watch = LearnerWatch(learners, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,

@@ -17,6 +17,7 @@ from flax import nnx
 from trainer.distributed import gather_to_host, put_batch
 from trainer.learners.base import StageLearner, pad_rows
 from trainer.learners.requests import Metrics, Rollout, StageStart
+from trainer.mesh import batch_shards
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -84,10 +85,15 @@ class PPOLearner(StageLearner):
         return [float(s) for s in self._host(self._scores, self._reward_model, tokens, attention)]
 
     def _host(self, fn, params, tokens, attention):
-        """`fn(params, tokens, attention)` on the mesh (the rows as global arrays when there are several
-        processes), the result back on every host."""
+        """`fn(params, tokens, attention)` per row on the mesh, the result back on every host. With several
+        processes the rows become global arrays split over the batch shards, so any count of rows is padded
+        to a multiple of them (repeating the last row) and the padding dropped from the result."""
+        n = len(tokens)
+        extra = -n % batch_shards(self.ctx.rules) if jax.process_count() > 1 else 0
+        if extra:
+            tokens, attention = (np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in (tokens, attention))
         rows = put_batch({"tokens": tokens, "attention": attention}, self.ctx.rules)
-        return gather_to_host(fn(params, rows["tokens"], rows["attention"]))
+        return gather_to_host(fn(params, rows["tokens"], rows["attention"]))[:n]
 
     def train_step(self, batch: list[Rollout] | None = None) -> Metrics:
         """One PPO iteration's learner side: scores, reference log-probs, values, then the update."""
