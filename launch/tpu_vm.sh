@@ -34,7 +34,11 @@ done
 show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
 run() { show "$@"; [[ $dry_run == 1 ]] || "$@"; }
 tpu=(gcloud compute tpus tpu-vm)
-on() { local worker=$1; shift; run "${tpu[@]}" ssh "$name" --zone "$zone" --worker="$worker" --command "$*"; }
+on() {  # run a shell command on TPU worker $1 ("all": every worker); shown as the remote shell reads it
+  local worker=$1; shift
+  echo "$(show "${tpu[@]}" ssh "$name" --zone "$zone" --worker="$worker") --command \"$*\""
+  [[ $dry_run == 1 ]] || "${tpu[@]}" ssh "$name" --zone "$zone" --worker="$worker" --command "$*"
+}
 
 if [[ $create == 1 && $queued == 1 ]]; then
   run gcloud compute tpus queued-resources create "$name" --node-id "$name" --zone "$zone" \
