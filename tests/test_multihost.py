@@ -66,14 +66,21 @@ def _rows(run_dir: Path) -> list[tuple]:
     return keys
 
 
-def test_two_hosts_equal_one_host_with_eight_devices(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def single_dir(tiny_model, tmp_path_factory):
+    """The reference: one process with 8 devices."""
+    runs = tmp_path_factory.mktemp("single")
+    single = one_host(tiny_model, runs, *SAME_RUN)
+    assert single.returncode == 0, single.stderr[-4000:]
+    return runs / "tiny"
+
+
+def test_two_hosts_equal_one_host_with_eight_devices(tiny_model, single_dir, tmp_path):
     from test_pipeline import check_finished_run
 
     multi = multihost(tiny_model, tmp_path / "multi", *SAME_RUN)
     assert multi.returncode == 0, multi.stdout[-4000:] + multi.stderr[-4000:]
-    single = one_host(tiny_model, tmp_path / "single", *SAME_RUN)
-    assert single.returncode == 0, single.stderr[-4000:]
-    multi_dir, single_dir = tmp_path / "multi" / "tiny", tmp_path / "single" / "tiny"
+    multi_dir = tmp_path / "multi" / "tiny"
     check_finished_run(multi_dir)  # every stage ran, each prompt and (stage, step) once
 
     want, got = _exported(single_dir), _exported(multi_dir)
@@ -107,3 +114,54 @@ def test_learner_hosts_the_cluster_cannot_give_fail_within_the_join_timeout(tiny
     assert "learner.hosts = 2 needs 2 Ray nodes" in proc.stderr and "'GPU': 1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list((tmp_path / "tiny" / "checkpoints").iterdir()) == []
+
+
+def _learner_pids() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Learner"):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model, single_dir, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "tiny"
+    before = _learner_pids()
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "local_multihost.sh"), "--hosts", "2", "--devices-per-host", "4", "--",
+         "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.source={tiny_model}", f"run.runs_dir={tmp_path}",
+         *SAME_RUN], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not [r for r in read_records(run_dir / "metrics.jsonl") if r.get("stage") == "ppo"]:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.2)
+        learners = sorted(_learner_pids() - before)
+        assert len(learners) == 2
+        os.kill(learners[-1], signal.SIGKILL)  # one host's learner, as the kernel's OOM killer would
+        assert proc.wait(timeout=180) == 2, (tmp_path / "driver.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = (tmp_path / "driver.log").read_text()
+    assert "learner" in output and "resume with cairl train --resume" in output and "Traceback" not in output
+    for _ in range(40):  # no learner left behind once the nodes have stopped
+        if not _learner_pids() - before:
+            break
+        time.sleep(0.25)
+    assert _learner_pids() - before == set()
+
+    resumed = multihost(tiny_model, tmp_path, *SAME_RUN)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert _rows(run_dir) == _rows(single_dir)
+    want, got = _exported(single_dir), _exported(run_dir)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
