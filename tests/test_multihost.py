@@ -116,23 +116,14 @@ def test_learner_hosts_the_cluster_cannot_give_fail_within_the_join_timeout(tiny
     assert list((tmp_path / "tiny" / "checkpoints").iterdir()) == []
 
 
-def _learner_pids() -> set[int]:
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Learner"):
-                pids.add(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model, single_dir, tmp_path):
     import signal
     import time
 
+    from test_run_faults import _learner_pids
+
     run_dir = tmp_path / "tiny"
-    before = _learner_pids()
+    before = set(_learner_pids())
     log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "local_multihost.sh"), "--hosts", "2", "--devices-per-host", "4", "--",
@@ -143,7 +134,7 @@ def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model
         while not [r for r in read_records(run_dir / "metrics.jsonl") if r.get("stage") == "ppo"]:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.2)
-        learners = sorted(_learner_pids() - before)
+        learners = sorted(set(_learner_pids()) - before)
         assert len(learners) == 2
         os.kill(learners[-1], signal.SIGKILL)  # one host's learner, as the kernel's OOM killer would
         assert proc.wait(timeout=180) == 2, (tmp_path / "driver.log").read_text()[-4000:]
@@ -154,10 +145,10 @@ def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model
     output = (tmp_path / "driver.log").read_text()
     assert "learner" in output and "resume with cairl train --resume" in output and "Traceback" not in output
     for _ in range(40):  # no learner left behind once the nodes have stopped
-        if not _learner_pids() - before:
+        if not set(_learner_pids()) - before:
             break
         time.sleep(0.25)
-    assert _learner_pids() - before == set()
+    assert set(_learner_pids()) - before == set()
 
     resumed = multihost(tiny_model, tmp_path, *SAME_RUN)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]

@@ -272,13 +272,17 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     """
     validated = validate(config)
     prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
-    if config.run.preflight:  # compile the learner's programs for this host first; refuses what will not fit
-        from trainer.plan.preflight import preflight
-        preflight(config)
     if resume and not (config.run_dir / "config.yaml").exists():
         raise _not_a_run_dir(config.run_dir)
     lock = RunLock.acquire(config.run_dir)  # before anything is written: a second driver refuses here
     try:
+        if config.run.preflight and config.learner.hosts == 1:
+            # Compile the learner's programs for this host first; refuses what will not fit.
+            from trainer.plan.preflight import preflight
+            preflight(config)
+        elif config.run.preflight:
+            log.info("preflight skipped: it plans on this host's devices, and the %d learner hosts are others "
+                     "(cairl plan --target <slice> plans them)", config.learner.hosts)
         run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
         return _run(config, run_dir, validated, prompts, worker_cls)
     finally:
