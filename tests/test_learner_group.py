@@ -19,6 +19,8 @@ def test_resources_reach_the_ray_actor_options(tmp_path):
     assert learner_options(config) == {"num_cpus": 0.5, "max_restarts": 0, "num_gpus": 1.0, "memory": 1000000.0}
     options = worker_options(config)
     assert options["num_gpus"] == 0.25 and options["resources"] == {"TPU-v4-8-head": 1.0}
+    # A quarter of a GPU: a quarter of its memory (less CUDA's share), not JAX's default 75 %.
+    assert options["runtime_env"] == {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}}
     assert ray_resource_options({}) == {}
 
 

@@ -192,6 +192,11 @@ def ray_resource_options(resources: dict) -> dict:
     for name, amount in resources.items():
         if name == "GPU":
             options["num_gpus"] = amount
+            if amount < 1:
+                # JAX takes 75 % of a GPU's memory per process up front, so two processes sharing one GPU
+                # would not both start; each gets its share of it instead (less 10 % for CUDA's own use).
+                # Ray merges these variables into the job's.
+                options["runtime_env"] = {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 * amount:.3f}"}}
         elif name == "memory":
             options["memory"] = amount
         else:
