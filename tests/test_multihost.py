@@ -95,7 +95,10 @@ def test_two_hosts_equal_one_host_with_eight_devices(tiny_model, single_dir, tmp
     first = read_records(multi_dir / "metrics.jsonl")[0]
     assert first["stage"] == "run" and first["run/jax_processes"] == 2 and first["run/mesh_tensor"] == 2
     assert json.loads((single_dir / "run.json").read_text())["topology"]["jax_processes"] == 1
-    assert "2 JAX process(es) × 4 cpu device(s) = 8 devices" in (multi_dir / "report.md").read_text()
+    report = (multi_dir / "report.md").read_text()
+    assert "2 JAX process(es) × 4 cpu device(s) = 8 devices" in report and "Weight sync per PPO version" in report
+    ppo = [r for r in read_records(multi_dir / "metrics.jsonl") if r["stage"] == "ppo"]
+    assert all(r["ppo/sync_bytes"] > 0 and r["ppo/sync_learner_seconds"] > 0 for r in ppo)
     assert not (multi_dir / "driver.lock").exists()
 
 
