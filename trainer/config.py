@@ -253,7 +253,7 @@ class RaySection:
     dashboard: bool = False  # start the dashboard (local cluster)
     num_cpus: int | None = None  # local cluster CPUs (default: the machine's)
     learner_num_cpus: float = 0.5  # Ray CPU share of the learner actor
-    learner_timeout_s: float = 3600.0  # longest one learner call may run (first compiles included); then it is stopped
+    learner_timeout_s: float = 3600.0  # longest one learner call may run (start, first compiles included); then it is stopped
     temp_dir: str = ""  # Ray session files; empty = <run dir>/ray is too long for sockets, so /tmp/cairl-ray-<name>
 
     def __post_init__(self):

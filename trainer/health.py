@@ -52,6 +52,12 @@ class LearnerWatch:
         # Only names this class does not define reach here: the learner's methods (its own are not named like them).
         return _TimedMethod(self, method)
 
+    def each(self, method: str, *args) -> list:
+        """`method(*args)` on every learner, watched like any call: one ref per learner, in order."""
+        refs = [getattr(h, method).remote(*args) for h in self.handles]
+        self._track(refs, method)
+        return refs
+
     def _track(self, refs: list, method: str) -> None:
         with self._lock:
             for index, ref in enumerate(refs):

@@ -308,7 +308,7 @@ def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, 
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts)
     try:
-        per_learner = ray.get([h.topology.remote() for h in learners], timeout=config.ray.learner_timeout_s)
+        per_learner = ray.get(watch.each("topology"))  # the first call: it waits for every learner to start
         topology.record(run_dir, topology.merge(per_learner), ctx.metrics)
         for stage in config.run.stages:
             if ctx.stages.done(stage):
