@@ -3,6 +3,7 @@ over a group (each call to every learner; one dead learner stops them all, named
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,11 +83,13 @@ class Member:
 def ray_cluster(tmp_path_factory):
     from trainer.ray_auth import private_token
 
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
     private_token()
     import ray
 
+    tests = Path(__file__).resolve().parent  # workers import Member from this module
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": f"{tests}:{tests.parent}"}})
     yield ray
     ray.shutdown()
 
@@ -118,6 +121,7 @@ def test_a_dead_learner_stops_the_group_and_is_named(ray_cluster, tmp_path):
         with pytest.raises(ray_cluster.exceptions.RayActorError) as err:
             ray_cluster.get(watch.collective.remote(True), timeout=60)  # learner 0 would wait 120 s
         assert time.monotonic() - start < 30
+        assert sorted(os.listdir(tmp_path)) == ["called-0", "called-1"]  # both ran: learner 1 died in the call
         explained = watch.explain_failure(err.value)
         assert isinstance(explained, LearnerError) and "learner 1 of 2 failed in its collective call" in str(explained)
     finally:
