@@ -58,10 +58,25 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     assert initialize(DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=process_id))
     assert jax.local_device_count() == 4 and jax.device_count() == 8
+    if jax.process_index() == 0:  # the coordinator runs in process 0
+        (Path(out_dir) / "listeners.txt").write_text("\n".join(_listeners(port)))
     result = run_ppo_step()
     if jax.process_index() == 0:
         np.savez(Path(out_dir) / "result.npz", **result)
     jax.distributed.shutdown()
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (kernel hex) of the sockets listening on `port`: '0100007F' is 127.0.0.1 (IPv6 tables:
+    '0000000000000000FFFF00000100007F'), all zeros is every interface."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
 
 
 def _free_port() -> int:
@@ -85,6 +100,10 @@ def test_two_processes_match_one_process_eight_devices(eight_devices, tmp_path):
                 w.kill()
     for w, out in zip(workers, outputs):
         assert w.returncode == 0, out[-3000:]
+    # The JAX coordinator listened on the address the processes were given (127.0.0.1, or its IPv4-mapped IPv6
+    # form), not on every interface (all zeros).
+    listeners = (tmp_path / "listeners.txt").read_text().split()
+    assert listeners and all(a.endswith("0100007F") for a in listeners), listeners
 
     reference = run_ppo_step()
     got = dict(np.load(tmp_path / "result.npz"))

@@ -171,6 +171,67 @@ class PPOSection:
                               top_p=self.top_p)
 
 
+_RAY_NAMES = {"cpu": "CPU", "gpu": "GPU", "tpu": "TPU", "memory": "memory"}
+
+
+def check_resources(section: str, resources: dict, cpu_key: str) -> None:
+    """Ray resources one actor asks for: GPU / TPU / memory (bytes) or a custom resource, amounts > 0.
+    CPUs have their own key (`cpu_key`), so one setting is not made twice."""
+    for name, amount in resources.items():
+        key = f"{section}.resources.{name}"
+        if name.lower() == "cpu":
+            raise configlib.FieldError("resources", f"{key}: set the CPU share with {cpu_key}, not in resources")
+        if name.lower() in _RAY_NAMES and name != _RAY_NAMES[name.lower()]:
+            raise configlib.FieldError("resources", f"{key}: Ray's resource is named {_RAY_NAMES[name.lower()]!r} "
+                                                    f"(an actor asking for {name!r} would wait forever)")
+        if not amount > 0:
+            raise configlib.FieldError("resources", f"{key}: expected an amount > 0, got {amount}")
+        if name == "GPU" and amount > 1 and amount != int(amount):
+            raise configlib.FieldError("resources", f"{key}: more than one GPU must be a whole number, got {amount}")
+
+
+def ray_resource_options(resources: dict) -> dict:
+    """Ray actor options for `resources` (validated by check_resources)."""
+    options, custom = {}, {}
+    for name, amount in resources.items():
+        if name == "GPU":
+            options["num_gpus"] = amount
+            if amount < 1:
+                # JAX takes 75 % of a GPU's memory per process up front, so two processes sharing one GPU
+                # would not both start; each gets its share of it instead (less 10 % for CUDA's own use).
+                # Ray merges these variables into the job's.
+                options["runtime_env"] = {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 * amount:.3f}"}}
+        elif name == "memory":
+            options["memory"] = amount
+        else:
+            custom[name] = amount
+    if custom:
+        options["resources"] = custom
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSection:
+    """The learner processes: one per host. More than one joins them into one JAX job (jax.distributed)
+    whose mesh (model.mesh) spans every device of every host; each runs on its own Ray node."""
+
+    hosts: int = 1  # learner processes, one per Ray node (a multi-host TPU slice: its hosts)
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # per learner, e.g. {GPU: 8} or {TPU: 4}
+    head_resource: str = ""  # a resource only learner 0's node has (a TPU slice: "TPU-v4-16-head")
+    coordinator_port: int = 0  # jax.distributed coordinator port on learner 0's node; 0 = a free one
+    join_timeout_s: float = 300.0  # how long the hosts may take to be scheduled and to join the JAX job
+
+    def __post_init__(self):
+        if self.hosts < 1:
+            raise configlib.FieldError("hosts", f"learner.hosts must be ≥ 1, got {self.hosts}")
+        if not 0 <= self.coordinator_port < 65536:
+            raise configlib.FieldError("coordinator_port", f"learner.coordinator_port must be in 0..65535, got "
+                                                           f"{self.coordinator_port}")
+        if self.join_timeout_s <= 0:
+            raise configlib.FieldError("join_timeout_s", f"learner.join_timeout_s must be > 0, got {self.join_timeout_s}")
+        check_resources("learner", self.resources, "ray.learner_num_cpus")
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
     num_workers: int = 1  # RolloutWorker actors
@@ -179,12 +240,14 @@ class RolloutSection:
     task_timeout_s: float = 600.0  # a task running longer marks its worker hung: killed, restarted, re-dispatched
     max_restarts: int = 3  # Ray restarts of a dead worker
     num_cpus: float = 0.5  # Ray CPU share per worker (fractional: whole CPUs starve 2-core machines)
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # per worker, e.g. {GPU: 0.5}
 
     def __post_init__(self):
         if self.num_workers < 1 or self.batch_size < 1 or self.max_staleness < 0:
             raise RunConfigError("rollout: num_workers ≥ 1, batch_size ≥ 1 and max_staleness ≥ 0 expected")
         if self.task_timeout_s <= 0 or self.max_restarts < 0 or self.num_cpus <= 0:
             raise RunConfigError("rollout: task_timeout_s > 0, max_restarts ≥ 0 and num_cpus > 0 expected")
+        check_resources("rollout", self.resources, "rollout.num_cpus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +257,7 @@ class RaySection:
     dashboard: bool = False  # start the dashboard (local cluster)
     num_cpus: int | None = None  # local cluster CPUs (default: the machine's)
     learner_num_cpus: float = 0.5  # Ray CPU share of the learner actor
-    learner_timeout_s: float = 3600.0  # longest one learner call may run (first compiles included); then it is stopped
+    learner_timeout_s: float = 3600.0  # longest one learner call may run (start, first compiles included); then it is stopped
     temp_dir: str = ""  # Ray session files; empty = <run dir>/ray is too long for sockets, so /tmp/cairl-ray-<name>
 
     def __post_init__(self):
@@ -235,6 +298,7 @@ class RunConfig:
     rm: RMSection = dataclasses.field(default_factory=RMSection)
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # suites on base, SL and RL policies
+    learner: LearnerSection = dataclasses.field(default_factory=LearnerSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=4, keep=2))

@@ -45,6 +45,7 @@ class DispatchStats:
 
     generated_tokens: int = 0
     seconds: float = 0.0
+    sync_seconds: float = 0.0  # workers bringing their policy to a new weight version
 
 
 def _is_permanent_death(err: BaseException) -> bool:
@@ -185,6 +186,7 @@ class WorkerPool:
                      len(uids), result.version, version, self.max_staleness)
             return
         self.stats.generated_tokens += int(getattr(result, "tokens", 0))
+        self.stats.sync_seconds += float(getattr(result, "sync_seconds", 0.0))
         missing = [u for u in uids if u not in result.records]
         for uid in uids:
             if uid in result.records:

@@ -76,10 +76,19 @@ def initialize(config: DistributedConfig | None = None) -> bool:
     # Only read by the CPU client, and only before it starts: harmless on TPU/GPU.
     jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
     if config.coordinator:
-        jax.distributed.initialize(
-            config.coordinator, num_processes=config.num_processes, process_id=config.process_id,
-            local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s,
-        )
+        # The coordinator service listens on the address the others are told (learner 0's, or loopback
+        # locally), not on every interface as JAX would by default.
+        try:
+            jax.distributed.initialize(
+                config.coordinator, num_processes=config.num_processes, process_id=config.process_id,
+                local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s,
+                coordinator_bind_address=config.coordinator,
+            )
+        except (RuntimeError, ValueError) as err:  # jaxlib's XlaRuntimeError is a RuntimeError
+            raise DistributedError(
+                f"process {config.process_id} of {config.num_processes} could not join the JAX job at "
+                f"{config.coordinator} within {config.timeout_s} s ({str(err).strip().splitlines()[0][:300]}); "
+                f"every host must reach that address") from None
     elif _cluster_detected():
         jax.distributed.initialize(local_device_ids=config.local_device_ids, initialization_timeout=config.timeout_s)
     else:
@@ -130,6 +139,14 @@ def shard_global_batch(batch: dict, mesh_rules: MeshRules) -> dict[str, jax.Arra
     size = len(next(iter(batch.values())))
     rows = local_rows(mesh_rules, size)
     return make_global_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh_rules, size)
+
+
+def put_batch(batch: dict, mesh_rules: MeshRules) -> dict:
+    """A batch every process holds whole, ready for a jitted step: one process passes the host arrays
+    through (jit places them); several make global arrays, each process supplying its own rows."""
+    if jax.process_count() == 1:
+        return batch
+    return shard_global_batch(batch, mesh_rules)
 
 
 def gather_to_host(tree):

@@ -1,6 +1,6 @@
-"""The driver's watch over the learner actor: every call timed, a hung learner stopped, a dead one reported.
+"""The driver's watch over the learner actors: every call timed, a hung learner stopped, a dead one reported.
 
-    learner = LearnerWatch(handle, timeout_s=config.ray.learner_timeout_s)
+    learner = LearnerWatch([handle, ...], timeout_s=config.ray.learner_timeout_s)
     ray.get(learner.train_step.remote())      # used exactly like the actor handle
     ...
     except Exception as err: raise learner.explain_failure(err)   # what happened, in words, with the original error
@@ -10,6 +10,12 @@ past `timeout_s`. The kill makes the `ray.get` the driver is blocked in fail at 
 so a hung learner (a deadlock, a wedged collective) stops the run instead of hanging it forever, and the
 driver's usual clean-up (Ray shut down, run files closed) runs. `explain_failure` turns the actor
 errors into a LearnerError naming the call, the timeout or the learner's own error.
+
+A learner group (trainer/learner_group.py) is watched as one: each call goes to every learner (its
+arguments put in the object store once) and the driver gets learner 0's result. When any other
+learner dies, or fails a call that learner 0 has not finished a few seconds later (it is then waiting
+for the failed one in a collective), every learner is stopped, so the driver never waits on a group
+that cannot finish.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ class LearnerError(UserError, RuntimeError):
 
 
 class LearnerWatch:
-    def __init__(self, handle, timeout_s: float, poll_s: float = 0.5):
-        self.handle = handle
+    GRACE_S = 10.0  # how long learner 0 may still run after another learner's call failed
+
+    def __init__(self, handles, timeout_s: float, poll_s: float = 0.5):
+        self.handles = list(handles) if isinstance(handles, (list, tuple)) else [handles]
+        self.handle = self.handles[0]
         self.timeout_s = timeout_s
         self.timed_out: tuple[str, float] | None = None  # (method, seconds) of the call that was stopped
-        self._calls: dict = {}  # ObjectRef -> (method, start time)
+        self.peer_failed: tuple[int, str, BaseException] | None = None  # (learner, method, error) of a group member
+        self._calls: dict = {}  # ObjectRef -> (method, start time, learner index, learner 0's ref)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, args=(poll_s,), name="cairl-learner-watch", daemon=True)
@@ -42,13 +52,27 @@ class LearnerWatch:
         # Only names this class does not define reach here: the learner's methods (its own are not named like them).
         return _TimedMethod(self, method)
 
-    def _track(self, ref, method: str) -> None:
+    def each(self, method: str, *args) -> list:
+        """`method(*args)` on every learner, watched like any call: one ref per learner, in order."""
+        refs = [getattr(h, method).remote(*args) for h in self.handles]
+        self._track(refs, method)
+        return refs
+
+    def _track(self, refs: list, method: str) -> None:
         with self._lock:
-            self._calls[ref] = (method, time.monotonic())
+            for index, ref in enumerate(refs):
+                self._calls[ref] = (method, time.monotonic(), index, refs[0])
+
+    def _kill_all(self) -> None:
+        import ray
+
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
 
     def _watch(self, poll_s: float) -> None:
         import ray
 
+        failed_at = None  # when a peer's call failed (monotonic)
         while not self._stop.wait(poll_s):
             with self._lock:
                 calls = dict(self._calls)
@@ -56,16 +80,31 @@ class LearnerWatch:
                 continue
             done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
             now = time.monotonic()
+            for ref in done:
+                method, _, index, first = calls[ref]
+                if index and self.peer_failed is None:
+                    try:
+                        ray.get(ref, timeout=0)
+                    except Exception as err:  # noqa: BLE001 - any failure of a peer stops the group below
+                        self.peer_failed, failed_at = (index, method, err), now
+                        log.error("learner %d failed in %s: %s", index, method, str(err).splitlines()[0][:300])
+                        first_done = first in done
+                        if isinstance(err, ray.exceptions.RayActorError) and not first_done:
+                            self._kill_all()
             with self._lock:
                 for ref in done:
                     self._calls.pop(ref, None)
-            late = [(method, now - start) for ref, (method, start) in calls.items()
+            if failed_at is not None and now - failed_at > self.GRACE_S and any(
+                    index == 0 for _, _, index, _ in self._calls.values()):
+                failed_at = None
+                self._kill_all()  # learner 0 is waiting for the failed learner in a collective
+            late = [(method, now - start) for ref, (method, start, _, _) in calls.items()
                     if ref not in done and now - start > self.timeout_s]
             if late and self.timed_out is None:
                 self.timed_out = late[0]
                 log.error("learner call %s running %.0f s > ray.learner_timeout_s = %g s: stopping the learner",
                           late[0][0], late[0][1], self.timeout_s)
-                ray.kill(self.handle, no_restart=True)
+                self._kill_all()
 
     def stop_watching(self) -> None:
         self._stop.set()
@@ -83,7 +122,17 @@ class LearnerWatch:
                 f"compile for minutes), then resume with cairl train --resume RUN_DIR")
         if isinstance(err, rex.RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
             return err.cause  # the learner found a user problem (e.g. diverged training): its own message
-        if isinstance(err, rex.RayActorError) and getattr(err, "actor_id", None) in (None, self.handle._actor_id.hex()):
+        if self.peer_failed is not None and isinstance(err, rex.RayActorError):
+            index, method, cause = self.peer_failed
+            if isinstance(cause, rex.RayTaskError) and isinstance(getattr(cause, "cause", None), UserError):
+                return cause.cause
+            first = (str(cause).strip().splitlines() or [""])[0][:500]
+            return LearnerError(
+                f"learner {index} of {len(self.handles)} failed in its {method} call ({type(cause).__name__}: {first}); "
+                f"every learner was stopped and the run stopped. Its log is in the Ray session logs (worker-*.err) of "
+                f"its host; after fixing the cause, resume with cairl train --resume RUN_DIR")
+        ids = [h._actor_id.hex() for h in self.handles]
+        if isinstance(err, rex.RayActorError) and getattr(err, "actor_id", None) in (None, *ids):
             first = (str(err).strip().splitlines() or [""])[0][:500]
             return LearnerError(
                 f"the learner actor died ({type(err).__name__}: {first}); the run stopped. The learner's own log is in "
@@ -97,6 +146,12 @@ class _TimedMethod:
         self._watch, self._method = watch, method
 
     def remote(self, *args, **kwargs):
-        ref = getattr(self._watch.handle, self._method).remote(*args, **kwargs)
-        self._watch._track(ref, self._method)
-        return ref
+        handles = self._watch.handles
+        if len(handles) > 1:  # one copy of each argument in the object store, read by every learner
+            import ray
+
+            args = tuple(ray.put(a) for a in args)
+            kwargs = {k: ray.put(v) for k, v in kwargs.items()}
+        refs = [getattr(h, self._method).remote(*args, **kwargs) for h in handles]
+        self._watch._track(refs, self._method)
+        return refs[0]

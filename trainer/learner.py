@@ -12,8 +12,10 @@ The driver (trainer/stages/*.py) calls, for each stage:
 
 What each call does is the current stage learner's business (trainer/learners/): this class holds
 the context they share — mesh, tokenizer, and the weights finished stages leave on the devices —
-and forwards. One learner per run on one host; a multi-host slice runs one per host under
-jax.distributed, all making the same calls (SPMD).
+and forwards. One learner per run on one host; a multi-host run has one per host (trainer/
+learner_group.py), joined by jax.distributed into one JAX job over one global mesh, every one
+receiving the same calls (SPMD). Checkpoints are saved by all of them together (Orbax); what goes
+to the run directory or the object store otherwise (weights, the export) comes from process 0.
 """
 
 from __future__ import annotations
@@ -24,9 +26,27 @@ from pathlib import Path
 class Learner:
     """The actor body (wrap with `ray.remote`). `config` is a RunConfig, `run_dir` the run directory."""
 
-    def __init__(self, config, run_dir: str):
+    def __init__(self, config, run_dir: str, distributed=None):
+        """`distributed` (trainer.distributed.DistributedConfig): this process's place in a learner group.
+
+        A user problem found here (a mesh that does not fit the hosts, a host that never joined) is raised
+        by the first call, `topology()`: an actor whose constructor raises dies with the error only in
+        a message, and the driver could not tell it from a crash."""
+        from models.errors import UserError
+
+        self.init_error = None
+        try:
+            self._start(config, run_dir, distributed)
+        except UserError as err:
+            self.init_error = err
+
+    def _start(self, config, run_dir: str, distributed) -> None:
         from trainer.runtime import configure_jax
 
+        if distributed is not None:
+            from trainer.distributed import initialize
+
+            initialize(distributed)  # before anything touches a device
         configure_jax()
         import jax
 
@@ -37,6 +57,15 @@ class Learner:
         mesh = config.model.mesh
         devices = jax.devices()
         if -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
+            if jax.process_count() > 1 and mesh.data * mesh.fsdp * mesh.tensor != len(devices):
+                from trainer.mesh import MeshError
+
+                # A mesh over some processes' devices only would leave the others with no part of any array.
+                raise MeshError(
+                    f"model.mesh data {mesh.data} × fsdp {mesh.fsdp} × tensor {mesh.tensor} = "
+                    f"{mesh.data * mesh.fsdp * mesh.tensor} devices, but the {jax.process_count()} learner hosts have "
+                    f"{len(devices)} ({jax.local_device_count()} each): a multi-host mesh must span them all "
+                    f"(set one axis to -1 to take the rest)")
             devices = devices[: mesh.data * mesh.fsdp * mesh.tensor]
         rules = build_mesh_rules(mesh, devices)
         initial = load_checkpoint(config.model.source)  # its host weights are dropped at once: stages load their own
@@ -78,32 +107,65 @@ class Learner:
         self.current.finish()
 
     def publish(self, version: int):
-        """The current policy's weights in the object store, as `version`."""
-        from models.sources import host_params
+        """The current policy's weights in the object store, as `version` (put once, by process 0; the
+        others return None after taking part in gathering the weights)."""
+        import time
+
+        import jax
+
         from trainer.weights import publish
 
-        return publish(version, host_params(self._policy_params()))
+        start = time.perf_counter()
+        params = self._host_policy_params()
+        return publish(version, params, time.perf_counter() - start) if jax.process_index() == 0 else None
 
     def publish_stage(self, stage: str, version: int):
         """The policy a finished stage saved (checkpoints/<stage>-params; `base`: the initial model) in the
-        object store as `version`, whatever stage is current (evaluation of base, SL and RL policies)."""
+        object store as `version`, whatever stage is current (evaluation of base, SL and RL policies); put
+        once, by process 0, like `publish`."""
+        import time
+
+        import jax
+
         from models.sources import host_params
+        from trainer.distributed import gather_to_host
         from trainer.weights import publish
 
+        start = time.perf_counter()
         if stage == "base":
             params = self.ctx.initial_params()
         else:
             optimizer = {"sl": self.ctx.config.sl.optimizer, "ppo": self.ctx.config.ppo.policy_optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
-        return publish(version, host_params(params))
+        host = host_params(gather_to_host(params))
+        return publish(version, host, time.perf_counter() - start) if jax.process_index() == 0 else None
 
-    def export(self, out: str) -> str:
-        """Write the current policy as a Hugging Face directory."""
+    def export(self, out: str) -> str | None:
+        """Write the current policy as a Hugging Face directory (process 0)."""
+        import jax
+
         from models.export import export_params
-        from models.sources import host_params
 
+        params = self._host_policy_params()
+        if jax.process_index() != 0:
+            return None
         config = self.ctx.model_config.replace(dtype="float32")
-        return str(export_params(out, config, host_params(self._policy_params()), self.ctx.tokenizer))
+        return str(export_params(out, config, params, self.ctx.tokenizer))
+
+    def topology(self) -> dict:
+        """This process's place in the run: JAX processes, devices, mesh, host (trainer/topology.py)."""
+        from trainer.topology import describe
+
+        if self.init_error is not None:
+            raise self.init_error
+        return describe(self.ctx.rules)
+
+    def _host_policy_params(self):
+        """The policy's parameters as host arrays, by path (gathered from every process: all must call)."""
+        from models.sources import host_params
+        from trainer.distributed import gather_to_host
+
+        return host_params(gather_to_host(self._policy_params()))
 
     def _policy_params(self):
         return self.current.policy_params() if self.current is not None else self.ctx.policy_params()

@@ -58,11 +58,14 @@ class MetricsLog:
         return self._tb
 
     def write(self, stage: str, step: int, metrics: dict) -> dict:
+        return self.write_row(stage, step, {f"{stage}/{k}": _plain(v) for k, v in metrics.items()})
+
+    def write_row(self, stage: str, step: int, fields: dict) -> dict:
+        """A row of JSON-serialisable `fields` as they are (write() names and converts metrics first)."""
         step = int(step)
         if step <= self._last_step.get(stage, -1):
             self.truncate(stage, step - 1)  # a resumed stage redoes the steps past its checkpoint
-        record = {"stage": stage, "step": step, "time": round(time.time(), 3)}
-        record.update({f"{stage}/{k}": _plain(v) for k, v in metrics.items()})
+        record = {"stage": stage, "step": step, "time": round(time.time(), 3), **fields}
         append_line(self.path, json.dumps(record) + "\n")
         self._note(record)
         self._add_to_tensorboard(record)
@@ -72,7 +75,7 @@ class MetricsLog:
         writer = self._writer()
         if writer is not None:
             for name, value in record.items():
-                if "/" in name and value is not None:
+                if "/" in name and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(name, value, int(record["step"]))
 
     def _rebuild_tensorboard(self, records: list[dict]) -> None:

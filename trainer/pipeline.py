@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 from models.errors import UserError
-from trainer import configlib
+from trainer import configlib, topology
 from trainer.config import RunConfig, redacted, to_yaml
 from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
+from trainer.run_lock import RunLock
+from trainer.topology import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,9 @@ def validate(config: RunConfig) -> Validated:
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
                      "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "data.data_dir", "model.mesh.", "ray.", "checkpoint.", "eval.train_models")
-RUN_FILE = "run.json"  # what else a resume must match: the constitution's content hash
+                     "rollout.num_cpus", "rollout.resources.", "data.data_dir", "model.mesh.", "learner.", "ray.",
+                     "checkpoint.", "eval.train_models")
+# run.json: what else a resume must match (the constitution's content hash), and the topology (trainer/topology.py)
 
 
 def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = "") -> Path:
@@ -106,13 +109,17 @@ def prepare_run_dir(config: RunConfig, resume: bool, constitution_hash: str = ""
         _check_constitution(run_dir, constitution_hash)
         log.info("resuming %s", run_dir)
     elif resume:
-        raise RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
+        raise _not_a_run_dir(run_dir)
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_atomic(saved, to_yaml(config))
     if constitution_hash:
         write_atomic(run_dir / RUN_FILE, json.dumps({"constitution_hash": constitution_hash}) + "\n")
     return run_dir
+
+
+def _not_a_run_dir(run_dir: Path) -> RunDirError:
+    return RunDirError(f"--resume {run_dir}: no config.yaml there; it is not a cairl run directory")
 
 
 def config_changes(previous: dict, current: dict) -> list[str]:
@@ -168,7 +175,8 @@ def start_ray(config: RunConfig):
     `ray.address` (token required)."""
     from trainer.ray_auth import private_token, require_join_token
 
-    if not config.ray.address and config.ray.host in ("127.0.0.1", "localhost"):
+    loopback = ("127.0.0.1", "localhost")
+    if (config.ray.address or "").rsplit(":", 1)[0] in loopback or (not config.ray.address and config.ray.host in loopback):
         # Ray otherwise swaps a loopback _node_ip_address for the machine's routable address; with
         # clustering off it keeps every service on the loopback interface. Read when ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -250,17 +258,16 @@ def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
     import ray
 
     from trainer.dispatch import WorkerPool
-    from trainer.learner import Learner
+    from trainer.learner_group import start_learners
     from trainer.rollout import worker_options
 
-    learner = ray.remote(Learner).options(num_cpus=config.ray.learner_num_cpus, max_restarts=0).remote(
-        config, str(run_dir.absolute()))
+    learners = start_learners(config, run_dir)
     remote_worker = ray.remote(worker_cls)
     handles = [remote_worker.options(**worker_options(config)).remote(config, i)
                for i in range(config.rollout.num_workers)]
     pool = WorkerPool(handles, [f"worker-{i}" for i in range(len(handles))], config.rollout.task_timeout_s,
                       config.rollout.max_staleness, config.rollout.max_restarts)
-    return learner, pool
+    return learners, pool
 
 
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
@@ -270,14 +277,27 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     StopRequested is raised after Ray is shut down. A learner that dies or hangs stops it with a LearnerError
     (trainer/health.py).
     """
-    from trainer import signals
-
     validated = validate(config)
     prompts = load_prompts(config, validated.tokenizer)  # every prompt set read and fitted before anything is written
-    if config.run.preflight:  # compile the learner's programs for this host first; refuses what will not fit
-        from trainer.plan.preflight import preflight
-        preflight(config)
-    run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
+    if resume and not (config.run_dir / "config.yaml").exists():
+        raise _not_a_run_dir(config.run_dir)
+    lock = RunLock.acquire(config.run_dir)  # before anything is written: a second driver refuses here
+    try:
+        if config.run.preflight and config.learner.hosts == 1:
+            # Compile the learner's programs for this host first; refuses what will not fit.
+            from trainer.plan.preflight import preflight
+            preflight(config)
+        elif config.run.preflight:
+            log.info("preflight skipped: it plans on this host's devices, and the %d learner hosts are others "
+                     "(cairl plan --target <slice> plans them)", config.learner.hosts)
+        run_dir = prepare_run_dir(config, resume, validated.constitution_hash)
+        return _run(config, run_dir, validated, prompts, worker_cls)
+    finally:
+        lock.release()
+
+
+def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, worker_cls) -> Path:
+    from trainer import signals
     from trainer import stages as stage_fns
     from trainer.health import LearnerWatch
     from trainer.metrics import MetricsLog
@@ -285,14 +305,20 @@ def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
     from trainer.stages.evaluate import run_due_evaluations, write_comparison
 
     ray = start_ray(config)
-    learner, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    try:
+        learners, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+    except BaseException:
+        ray.shutdown()
+        raise
     signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
-    watch = LearnerWatch(learner, config.ray.learner_timeout_s)
+    watch = LearnerWatch(learners, config.ray.learner_timeout_s)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts,
                   tokenizer=validated.tokenizer)
     try:
+        per_learner = ray.get(watch.each("topology"))  # the first call: it waits for every learner to start
+        topology.record(run_dir, topology.merge(per_learner), ctx.metrics)
         for stage in config.run.stages:
             run_due_evaluations(ctx)  # the base model before the first stage; SL's policy before label
             if ctx.stages.done(stage):
@@ -327,8 +353,8 @@ def _shut_down(ray, watch, metrics, timeout_s: float) -> None:
     """Let the learner finish its pending checkpoint writes, close the run files, stop Ray — whatever state
     the learner is in (a dead one must not keep Ray running or hide the error that stopped the run)."""
     try:
-        if watch.timed_out is None:
-            ray.get(watch.handle.close.remote(), timeout=timeout_s)
+        if watch.timed_out is None and watch.peer_failed is None:
+            ray.get([h.close.remote() for h in watch.handles], timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - reported, never raised over the run's own outcome
         log.warning("the learner did not close cleanly (%s: %s)", type(err).__name__, str(err).splitlines()[0][:300])
     watch.stop_watching()

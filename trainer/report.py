@@ -12,6 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from trainer import topology
 from trainer.ledger import read_records
 from trainer.pipeline_state import StageRecord
 
@@ -156,6 +157,7 @@ def write_report(run_dir: str | Path) -> Path:
         if point in eval_seconds:
             lines.append(f"| eval {point} | True | {eval_seconds[point]} |")
     lines.append("")
+    lines += topology.report_lines(run_dir)
     lines += _sl_section(run_dir)
     lines += _label_section(run_dir, stages)
     lines += _ppo_section(run_dir, stages, metrics)

@@ -59,6 +59,7 @@ class TaskResult:
     worker: str = ""
     seconds: float = 0.0
     tokens: int = 0  # generated tokens
+    sync_seconds: float = 0.0  # of `seconds`: bringing the policy to the task's weight version (0: had it)
 
 
 def task_seed(run_seed: int, stage: str, uids: Sequence[str], version: int) -> int:
@@ -142,12 +143,14 @@ class RolloutWorker:
     def run(self, task: Task) -> TaskResult:
         start = time.perf_counter()
         policy = self._ensure_policy()
+        sync_start = time.perf_counter()
         state = self._weights.state_for(task.weights)
         if state is not None:
             from flax import nnx
 
             policy.sampler.update_weights(state)
             nnx.update(policy.model, state)  # the model scores (options tasks) at the same version it samples
+        sync_seconds = time.perf_counter() - sync_start if state is not None else 0.0
         version = self._weights.version
         handler = getattr(self, f"_run_{task.kind}", None)
         if handler is None:
@@ -156,7 +159,7 @@ class RolloutWorker:
         for record in records.values():
             record.setdefault("version", version)
         return TaskResult(version=version, records=records, worker=self.name,
-                          seconds=time.perf_counter() - start, tokens=tokens)
+                          seconds=time.perf_counter() - start, tokens=tokens, sync_seconds=sync_seconds)
 
     def _run_rollout(self, policy, task: Task):
         settings: RolloutSettings = task.settings
@@ -227,5 +230,7 @@ class RolloutWorker:
 
 def worker_options(config) -> dict[str, Any]:
     """Ray actor options of a rollout worker."""
+    from trainer.config import ray_resource_options
+
     return {"num_cpus": config.rollout.num_cpus, "max_restarts": config.rollout.max_restarts,
-            "max_task_retries": 0, "max_concurrency": 1}
+            "max_task_retries": 0, "max_concurrency": 1, **ray_resource_options(config.rollout.resources)}

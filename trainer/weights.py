@@ -29,6 +29,8 @@ def path_name(path: ParamPath) -> str:
 class WeightHandle:
     version: int  # 0 = the initial model; +1 per published update
     ref: Any  # ray.ObjectRef of (names, arrays), or None for "the worker's own initial weights"
+    nbytes: int = 0  # size of the published arrays
+    seconds: float = 0.0  # learner side: gathering the weights to the host and putting them in the object store
 
 
 def pack(flat_params: Mapping[ParamPath, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
@@ -37,11 +39,18 @@ def pack(flat_params: Mapping[ParamPath, np.ndarray]) -> tuple[list[str], list[n
     return names, [by_name[n] for n in names]
 
 
-def publish(version: int, flat_params: Mapping[ParamPath, np.ndarray]) -> WeightHandle:
-    """Put the weights in the object store once; every worker fetches the same copy by version."""
+def publish(version: int, flat_params: Mapping[ParamPath, np.ndarray], seconds_before: float = 0.0) -> WeightHandle:
+    """Put the weights in the object store once; every worker fetches the same copy by version.
+    `seconds_before`: what getting `flat_params` to the host took, counted in the handle's seconds."""
+    import time
+
     import ray
 
-    return WeightHandle(version=int(version), ref=ray.put(pack(flat_params)))
+    start = time.perf_counter()
+    names, arrays = pack(flat_params)
+    ref = ray.put((names, arrays))
+    return WeightHandle(version=int(version), ref=ref, nbytes=sum(a.nbytes for a in arrays),
+                        seconds=seconds_before + time.perf_counter() - start)
 
 
 class WeightCache:
@@ -54,6 +63,7 @@ class WeightCache:
         self._flat = list(nnx.to_flat_state(state))
         self.version = 0
         self.fetches = 0
+        self.fetch_seconds = 0.0  # total time spent fetching and loading new versions
 
     def state_for(self, handle: WeightHandle):
         """The nnx state at `handle.version`, or None when the worker already holds that version."""
@@ -61,10 +71,13 @@ class WeightCache:
             return None
         if handle.ref is None:
             raise ValueError(f"weights version {handle.version} has no object to fetch")
+        import time
+
         import jax.numpy as jnp
         import ray
         from flax import nnx
 
+        start = time.perf_counter()
         names, arrays = ray.get(handle.ref)
         by_name = dict(zip(names, arrays))
         leaves = []
@@ -79,4 +92,6 @@ class WeightCache:
             leaves.append((path, variable.replace(jnp.asarray(array, dtype=variable.dtype))))
         self.version = handle.version
         self.fetches += 1
-        return nnx.from_flat_state(leaves)
+        state = nnx.from_flat_state(leaves)
+        self.fetch_seconds += time.perf_counter() - start
+        return state

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 
 from models.errors import UserError
+from trainer.distributed import gather_to_host, put_batch
 from trainer.learners.context import LearnerContext
 from trainer.learners.requests import Metrics, StageStart
 
@@ -116,8 +116,9 @@ class SupervisedLearner(StageLearner):
         start_row = self.step() * self.batch_size
         rows = [(start_row + i) % n for i in range(self.batch_size)]
         start = time.perf_counter()
-        self.state, metrics = self._step_fn(self.state, {k: v[rows] for k, v in self.data.items()})
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.state, metrics = self._step_fn(self.state, put_batch({k: v[rows] for k, v in self.data.items()},
+                                                                  self.ctx.rules))
+        metrics = {k: float(v) for k, v in gather_to_host(metrics).items()}
         metrics["seconds"] = time.perf_counter() - start
         return metrics
 

@@ -15,9 +15,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from trainer.distributed import gather_to_host, put_batch
 from trainer.learners.base import StageLearner, pad_rows
 from trainer.pipeline_state import StageRecord
 from trainer.learners.requests import Metrics, Rollout, StageStart
+from trainer.mesh import batch_shards
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,18 @@ class PPOLearner(StageLearner):
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
         """Preference-model score of each (prompt, response)."""
         tokens, attention, _, _ = self._sequence_arrays(prompt_ids, response_ids)
-        return [float(s) for s in jax.device_get(self._scores(self._reward_model, tokens, attention))]
+        return [float(s) for s in self._host(self._scores, self._reward_model, tokens, attention)]
+
+    def _host(self, fn, params, tokens, attention):
+        """`fn(params, tokens, attention)` per row on the mesh, the result back on every host. With several
+        processes the rows become global arrays split over the batch shards, so any count of rows is padded
+        to a multiple of them (repeating the last row) and the padding dropped from the result."""
+        n = len(tokens)
+        extra = -n % batch_shards(self.ctx.rules) if jax.process_count() > 1 else 0
+        if extra:
+            tokens, attention = (np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in (tokens, attention))
+        rows = put_batch({"tokens": tokens, "attention": attention}, self.ctx.rules)
+        return gather_to_host(fn(params, rows["tokens"], rows["attention"]))[:n]
 
     def train_step(self, batch: list[Rollout] | None = None) -> Metrics:
         """One PPO iteration's learner side: scores, reference log-probs, values, then the update."""
@@ -108,16 +121,16 @@ class PPOLearner(StageLearner):
         for i, (r, off) in enumerate(zip(rollouts, offsets)):
             lp = np.asarray(r.logprobs, np.float32)[: tokens.shape[1] - off]
             old_logprobs[i, off: off + len(lp)] = lp
-        scores = jax.device_get(self._scores(self._reward_model, tokens, attention))
-        ref = jax.device_get(self._reference_logprobs(self._reference, tokens, attention))
-        values = jax.device_get(self._values_fn(self.state.value, tokens, attention))
+        scores = self._host(self._scores, self._reward_model, tokens, attention)
+        ref = self._host(self._reference_logprobs, self._reference, tokens, attention)
+        values = self._host(self._values_fn, self.state.value, tokens, attention)
         score_seconds = time.perf_counter() - t0
         update = {"tokens_BxT": tokens, "attention_mask_BxT": attention, "response_mask_BxT": response_mask,
                   "old_logprobs_BxT": old_logprobs, "ref_logprobs_BxT": np.asarray(ref, np.float32),
                   "old_values_BxT": np.asarray(values, np.float32), "scores_B": np.asarray(scores, np.float32)}
         t1 = time.perf_counter()
-        self.state, metrics = self._step_fn(self.state, update)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.state, metrics = self._step_fn(self.state, put_batch(update, self.ctx.rules))
+        metrics = {k: float(v) for k, v in gather_to_host(metrics).items()}
         metrics.update(score_seconds=score_seconds, update_seconds=time.perf_counter() - t1,
                        reward_mean=float(np.mean(scores)), reward_std=float(np.std(scores)),
                        scores=[float(s) for s in scores])

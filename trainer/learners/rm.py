@@ -3,9 +3,9 @@ Bradley–Terry on the soft AI labels, evaluated on held-out pairs."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from trainer.distributed import gather_to_host, put_batch
 from trainer.learners.base import SupervisedLearner, pad_rows
 from trainer.learners.requests import Metrics, PreferenceData, PreferencePair, StageStart
 
@@ -41,7 +41,7 @@ class RMLearner(SupervisedLearner):
             rows = np.arange(start, start + self.batch_size)
             batch = {k: v[rows % n] for k, v in self.heldout.items()}
             batch["valid_B"] = (rows < n).astype(np.float32)
-            sums.append(jax.device_get(self._eval_fn(self.state, batch)))
+            sums.append(gather_to_host(self._eval_fn(self.state, put_batch(batch, self.ctx.rules))))
         return rm_eval_metrics(sums)
 
     def _pair_arrays(self, pairs: tuple[PreferencePair, ...]) -> dict[str, np.ndarray]:

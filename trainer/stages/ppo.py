@@ -78,7 +78,7 @@ def run_ppo(ctx) -> None:
             batch = iteration_prompts(prompts, it, cfg.ppo.batch_size)
             by_uid = {f"it{it}/{p.uid}": p for p in batch}
             ledger = Ledger.open(rollouts_path, list(by_uid), strict=False)
-            stale_before = ctx.pool.stats.stale_dropped
+            stale_before, fetch_before = ctx.pool.stats.stale_dropped, ctx.pool.stats.sync_seconds
             t0 = time.perf_counter()
             tokens_before = ctx.pool.stats.generated_tokens
             dispatch_prompts(ctx, "ppo", ledger, by_uid, "rollout", sampling, weights,
@@ -94,6 +94,10 @@ def run_ppo(ctx) -> None:
             sync_seconds = time.perf_counter() - t1
             generated = ctx.pool.stats.generated_tokens - tokens_before
             logged = {k: metrics[k] for k in LOGGED if k in metrics}
+            # Weight sync of this version: its size, the driver's wait for it (learner gather + put), the
+            # learner's own share, and the workers' fetch of the version these rollouts used.
+            logged.update(sync_bytes=weights.nbytes, sync_learner_seconds=weights.seconds,
+                          sync_worker_seconds=ctx.pool.stats.sync_seconds - fetch_before)
             logged.update(rollout_seconds=rollout_seconds, sync_seconds=sync_seconds,
                           tokens_per_s=generated / max(rollout_seconds, 1e-9), version=version,
                           stale_dropped=ctx.pool.stats.stale_dropped - stale_before)
