@@ -93,7 +93,8 @@ class Learner:
         if stage == "base":
             params = self.ctx.initial_params()
         else:
-            optimizer = {"sl": self.ctx.config.sl.optimizer, "ppo": self.ctx.config.ppo.policy_optimizer}[stage]
+            config = self.ctx.config
+            optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer, "dpo": config.dpo.optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
         return publish(version, host_params(params))
 

@@ -2,8 +2,9 @@
 
 Sections: the evaluation of the base, SL and RL policies (eval/, one table with CIs and deltas vs
 base, then its plot); stage wall times; SL-CAI critiques and revisions grouped by principle; AI
-labels; the preference model's held-out accuracy; PPO reward and KL per iteration (plots/ppo.png);
-the mean preference-model reward of greedy answers to held-out prompts before and after PPO.
+labels; the preference model's held-out accuracy; DPO's implicit-reward accuracy per step; PPO reward
+and KL per iteration (plots/ppo.png); the mean preference-model reward of greedy answers to held-out
+prompts before and after PPO.
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
     return lines
 
 
+def _dpo_section(stages: dict, metrics: list[dict]) -> list[str]:
+    info = stages.get("dpo", {})
+    if "heldout_accuracy" not in info:
+        return []
+    lines = ["## RL-CAI by DPO", "",
+             f"Held-out implicit-reward accuracy **{info['heldout_accuracy']:.3f}** (before training "
+             f"{info.get('heldout_accuracy_before', float('nan')):.3f}; chance 0.5; the reference ties every pair), "
+             f"margin r_c − r_r {info.get('heldout_margin', float('nan')):.4f}, on {info.get('heldout_pairs')} held-out "
+             f"pairs, trained on {info.get('train_pairs')}.", ""]
+    rows = [r for r in metrics if r.get("stage") == "dpo"]
+    if rows:
+        lines += ["| step | loss | accuracy | margin | log π(chosen) | log π(rejected) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            cols = [r.get(f"dpo/{k}") for k in ("loss", "accuracy", "margin", "chosen_logprob", "rejected_logprob")]
+            lines.append(f"| {r['step']} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cols) + " |")
+        lines.append("")
+    return lines
+
+
 def _eval_section(run_dir: Path) -> list[str]:
     from trainer.eval.report import markdown_table
     from trainer.stages.evaluate import POINT_LABELS, load_points
@@ -148,7 +168,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# cairl run `{run_dir.name}`", ""]
     lines += _eval_section(run_dir)
     lines += ["## Stages", "", "| stage | done | wall time (s) |", "|---|---|---|"]
-    for stage in ("sl", "label", "rm", "ppo"):
+    for stage in ("sl", "label", "dpo", "rm", "ppo"):
         if stage in stages:
             lines.append(f"| {stage} | {stages[stage].get('done', False)} | {stages[stage].get('seconds', '—')} |")
     eval_seconds = stages.get("eval", {}).get("seconds", {})
@@ -158,6 +178,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append("")
     lines += _sl_section(run_dir)
     lines += _label_section(run_dir, stages)
+    lines += _dpo_section(stages, metrics)
     lines += _ppo_section(run_dir, stages, metrics)
     lines += ["## Files", "", "config.yaml, metrics.jsonl, tb/, samples/*.jsonl, checkpoints/<stage>/, hf/ (export)", ""]
     out = run_dir / "report.md"

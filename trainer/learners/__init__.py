@@ -5,6 +5,7 @@ line in `STAGE_LEARNERS` below; the actor needs no change.
 """
 
 from trainer.learners.base import StageCallError, StageLearner
+from trainer.learners.dpo import DPOLearner
 from trainer.learners.label import LabelLearner
 from trainer.learners.ppo import PPOLearner
 from trainer.learners.rm import RMLearner
@@ -13,6 +14,7 @@ from trainer.learners.sft import SFTLearner
 STAGE_LEARNERS: dict[str, type[StageLearner]] = {
     "sl": SFTLearner,
     "label": LabelLearner,
+    "dpo": DPOLearner,
     "rm": RMLearner,
     "ppo": PPOLearner,
 }
