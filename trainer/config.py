@@ -26,6 +26,7 @@ from trainer.critique import CritiqueConfig
 from trainer.dpo import DPOConfig
 from trainer.eval.config import EvalConfig
 from trainer.feedback import FeedbackConfig
+from trainer.grpo import GroupConfig
 from trainer.kl import KLConfig
 from trainer.mesh import MeshConfig
 from trainer.optim import OptimizerConfig
@@ -168,8 +169,11 @@ class DPOSection(DPOConfig):
 
 @dataclasses.dataclass(frozen=True)
 class PPOSection:
+    # The RL stage's algorithm: ppo (value model, GAE) or, without a value model, grpo / rloo on groups of
+    # `group.group_size` responses per prompt (trainer/grpo.py)
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     iterations: int = 8  # rollout → update cycles
-    batch_size: int = 8  # prompts (one response each) per iteration
+    batch_size: int = 8  # prompts per iteration (ppo: one response each; grpo/rloo: a group each)
     max_new_tokens: int = 32  # response budget per rollout
     temperature: float = 1.0
     top_k: int = 0
@@ -181,11 +185,17 @@ class PPOSection:
     value_optimizer: OptimizerConfig = dataclasses.field(
         default_factory=lambda: OptimizerConfig(learning_rate=5e-5, decay="constant", total_steps=1000))
     value_from: Literal["reward_model", "policy"] = "reward_model"  # value model initialisation
+    group: GroupConfig = dataclasses.field(default_factory=GroupConfig)  # grpo / rloo settings (the update's too)
 
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1 or self.eval_max_new_tokens < 1:
             raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and eval_max_new_tokens ≥ 1 expected")
         self.sampling()  # raises on a setting that describes no distribution
+
+    @property
+    def grouped(self) -> bool:
+        """Groups of responses per prompt and no value model (grpo, rloo)?"""
+        return self.algorithm != "ppo"
 
     def sampling(self) -> SamplingParams:
         """How rollout workers sample PPO's responses."""
