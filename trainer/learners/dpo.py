@@ -12,11 +12,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from trainer.learners.base import SupervisedLearner, pad_rows
-from trainer.learners.requests import Metrics, PreferenceData, PreferencePair, StageStart
+from trainer.learners.base import PairLearner, pad_rows
+from trainer.learners.requests import Metrics, PreferencePair, StageStart
 
 
-class DPOLearner(SupervisedLearner):
+class DPOLearner(PairLearner):
     stage = "dpo"
 
     def setup(self) -> StageStart:
@@ -28,26 +28,12 @@ class DPOLearner(SupervisedLearner):
         self._step_fn = make_dpo_step(self.state, cfg, ctx.rules)
         self._eval_fn = make_dpo_eval(self.state, cfg, ctx.rules)
         self._reference_fn = make_sequence_logprob_fn(ctx.graphdef(ctx.llama_factory()), ctx.rules)
-        self.heldout: dict[str, np.ndarray] = {}
         return start
 
-    def set_data(self, data: PreferenceData) -> int:
-        self.data = self._pair_arrays(data.train)
-        self.heldout = self._pair_arrays(data.heldout)
-        return len(data.train)
-
-    def evaluate(self) -> Metrics:
-        """Held-out implicit-reward accuracy, loss, margin and log-probs (trainer.dpo.make_dpo_eval), in
-        batches of the training batch size; the last batch is filled by wrapping, its extra rows masked."""
+    def _eval_metrics(self, sums: list[dict]) -> Metrics:
+        """Held-out implicit-reward accuracy, loss, margin and log-probs (trainer.dpo.make_dpo_eval)."""
         from trainer.dpo import dpo_eval_metrics
 
-        n = len(self.heldout["p_chosen_B"])
-        sums = []
-        for start in range(0, n, self.batch_size):
-            rows = np.arange(start, start + self.batch_size)
-            batch = {k: v[rows % n] for k, v in self.heldout.items()}
-            batch["valid_B"] = (rows < n).astype(np.float32)
-            sums.append(jax.device_get(self._eval_fn(self.state, batch)))
         return dpo_eval_metrics(sums)
 
     def _pair_arrays(self, pairs: tuple[PreferencePair, ...]) -> dict[str, np.ndarray]:
