@@ -52,6 +52,8 @@ def test_grpo_route_on_a_tiny_model(grpo_run):
         assert 0 <= m["ppo/degenerate_groups"] <= 2
     assert [p.name for p in (grpo_run / "checkpoints" / "ppo-params").iterdir()] == ["3"]
     check_evaluation(grpo_run, metrics)  # base | SL | RL, the RL point at GRPO's final weights
+    report = (grpo_run / "report.md").read_text()
+    assert "## RL-CAI (GRPO)" in report and "Groups whose responses all scored the same" in report
     assert (grpo_run / "hf" / "model.safetensors").is_file()
 
 

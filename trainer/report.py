@@ -88,7 +88,8 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
     info = stages.get("ppo", {})
     if not ppo and "pm_reward_before" not in info:
         return []
-    lines = ["## RL-CAI (PPO)", ""]
+    algorithm = info.get("algorithm", "ppo").upper()
+    lines = [f"## RL-CAI ({algorithm})", ""]
     if "pm_reward_after" in info:
         delta = info["pm_reward_after"] - info["pm_reward_before"]
         lines += [f"Mean preference-model reward of greedy answers to held-out prompts: before PPO "
@@ -99,8 +100,12 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
         lines += [f"Final iteration: KL {last.get('ppo/kl', float('nan')):.4f} nats/sequence, "
                   f"β {last.get('ppo/beta', float('nan')):.4f}, entropy {last.get('ppo/entropy', float('nan')):.3f}, "
                   f"stale results dropped {info.get('stale_dropped', 0)}, worker deaths {info.get('worker_deaths', 0)}.",
-                  "", "![reward and KL](plots/ppo.png)", "",
-                  "| iteration | reward mean | reward std | KL | β | clip frac | approx KL | value loss | expl. var | "
+                  "", "![reward and KL](plots/ppo.png)", ""]
+        if "ppo/degenerate_groups" in last:  # grpo / rloo
+            degenerate = sum(r.get("ppo/degenerate_groups", 0) for r in ppo)
+            lines += [f"Groups whose responses all scored the same (zero advantage, nothing learned): "
+                      f"{degenerate:.0f} over {len(ppo)} iterations.", ""]
+        lines += ["| iteration | reward mean | reward std | KL | β | clip frac | approx KL | value loss | expl. var | "
                   "resp. len | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in ppo:
             cols = [r.get(f"ppo/{k}") for k in ("reward_mean", "reward_std", "kl", "beta", "clip_fraction",
