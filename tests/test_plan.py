@@ -239,7 +239,7 @@ def test_train_refuses_a_run_that_does_not_fit_before_anything_starts(tmp_path):
 
 @pytest.mark.slow  # compiles the DPO and GRPO programs of the tiny model
 @pytest.mark.parametrize("overrides, names", [
-    (("run.stages=[dpo]",), ["dpo_update", "reference_logprobs"]),
+    (("run.stages=[dpo]", "dpo.batch_size=8"), ["dpo_update", "reference_logprobs"]),
     (("run.stages=[ppo]", "ppo.algorithm=grpo", "ppo.group.group_size=4", "ppo.batch_size=2"),
      ["group_update", "reference_logprobs", "pm_scores", "rollout_sampler"]),
 ])
