@@ -59,15 +59,17 @@ def run_dpo(shape, config=DPOConfig(), accum=1):
     return host(state.params), host(metrics)
 
 
-@pytest.fixture(scope="module", params=["dpo", "ipo"])
-def dpo_reference(request):
-    config = DPOConfig(loss=request.param, beta=0.5)
-    return config, run_dpo((1, 1, 1), config)
+@pytest.fixture(scope="module")
+def references():
+    return {}
 
 
-@pytest.mark.parametrize("shape", MESHES)
-def test_dpo_step_sharded_equals_single_device(eight_devices, dpo_reference, shape):
-    config, (params_1, metrics_1) = dpo_reference
+@pytest.mark.parametrize("loss, shape", [*(("dpo", shape) for shape in MESHES), ("ipo", (2, 2, 2))])
+def test_dpo_step_sharded_equals_single_device(eight_devices, references, loss, shape):
+    config = DPOConfig(loss=loss, beta=0.5)
+    if loss not in references:
+        references[loss] = run_dpo((1, 1, 1), config)
+    params_1, metrics_1 = references[loss]
     params, metrics = run_dpo(shape, config, accum=2 if shape == (2, 2, 2) else 1)
     assert_trees_close(params, params_1)
     assert metrics.keys() == metrics_1.keys()
@@ -88,7 +90,7 @@ def test_first_dpo_update_starts_from_the_reference(eight_devices):
     assert float(metrics["chosen_logprob"]) < 0 and float(metrics["skipped"]) == 0.0
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+@pytest.mark.parametrize("loss", ["dpo", pytest.param("ipo", marks=pytest.mark.slow)])
 def test_dpo_learns_separable_preferences(eight_devices, loss):
     mesh_rules = mesh_rules_for((4, 2, 1))
     state = policy_state(mesh_rules, lr=1e-3)
