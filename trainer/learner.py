@@ -94,7 +94,8 @@ class Learner:
             params = self.ctx.initial_params()
         else:
             config = self.ctx.config
-            optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer, "dpo": config.dpo.optimizer}[stage]
+            optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer,
+                         "dpo": config.dpo.optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
         return publish(version, host_params(params))
 

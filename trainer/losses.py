@@ -264,7 +264,8 @@ def group_policy_loss(logprob_BxT, old_logprob_BxT, ref_logprob_BxT, advantages_
     """The clipped token-level objective of GRPO / RLOO with the KL to the reference in the loss:
 
         ρ_t = exp(log π(a_t) − log π_old(a_t)),   A_t = A (the response's advantage, on each of its tokens)
-        L_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A) + β · k3_t,   k3_t = e^{q_t} − q_t − 1,  q_t = log π_ref − log π
+        L_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A) + β · k3_t
+        k3_t = e^{q_t} − q_t − 1,   q_t = log π_ref(a_t) − log π(a_t)
         L = Σ_t m_t L_t / denominator
     The denominator sets the length normalisation: the batch's response-token count (token-level, DAPO
     style) or a constant such as rows × max_new_tokens (Dr. GRPO: no length bias). Also returns the

@@ -1,11 +1,11 @@
 """Evaluation inside `cairl train` (`eval:` of the run config): the base model before SL, the SL policy
-after SL and the RL policy after PPO (or DPO), each on eval.suites, generated and scored on the rollout workers
-(trainer/eval/workers.py) with the same suites as `cairl eval`.
+after SL and the RL policy after PPO (or DPO), each on eval.suites, generated and scored on the rollout
+workers (trainer/eval/workers.py) with the same suites as `cairl eval`.
 
 Points (eval.train_models) run when their stage is done: `base` before the first stage, `sl` right
-after SL (before label), `rl` after the RL stage (ppo, or dpo: trainer.config.rl_stage). Each point's weights come from what the stage saved
-(checkpoints/<stage>-params), so a resumed run evaluates exactly what the stage produced. Per point:
-run_dir/eval/points/<point>.json (per-item values: CIs and paired deltas are formed against it later),
+after SL (before label), `rl` after the RL stage (ppo, or dpo: trainer.config.rl_stage). Each point's
+weights come from what the stage saved (checkpoints/<stage>-params), so a resumed run evaluates exactly
+what the stage produced. Per point: run_dir/eval/points/<point>.json (per-item values: CIs and paired deltas are formed against it later),
 <point>-samples.jsonl, a metrics.jsonl row (stage "eval", step 0/1/2), and stages.json["eval"]. When
 all points are in, run_dir/eval/ holds eval-*.json, eval.md and eval.png: base | SL | RL, deltas vs base.
 """
@@ -40,8 +40,8 @@ def point_stage(config, point: str) -> str | None:
 
 def point_version(config, point: str) -> int:
     """The weight version a point's policy had in the run: 0 base, 1 after SL, + one per PPO iteration —
-    so workers that already hold the policy (right after its stage) fetch nothing. DPO publishes no
-    versions while it trains: its policy is the one after SL's."""
+    so workers that already hold the policy (right after its stage) fetch nothing. DPO publishes nothing
+    while it trains: its policy is the one version after SL's."""
     if point == "base":
         return 0
     after_sl = 1 if "sl" in config.run.stages else 0
