@@ -81,6 +81,16 @@ def test_overrides_and_stage_selection():
     assert config.ppo.update.kl.beta == 0.1
 
 
+def test_dpo_route_and_its_settings():
+    config = load_run_config(ROOT / "configs" / "tiny.yaml", ["run.stages=[sl,label,dpo]", "dpo.loss=ipo"])
+    assert config.run.stages == ("sl", "label", "dpo") and config.dpo.loss == "ipo"
+    assert load_run_config(None).run.stages == ("sl", "label", "rm", "ppo")  # DPO is chosen, never the default
+    with pytest.raises(ConfigError, match="run.stages: ppo and dpo are two ways"):
+        load_run_config(None, ["run.stages=[sl,label,dpo,rm,ppo]"])
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        load_run_config(None, ["dpo.beta=0"])
+
+
 def test_secrets_are_redacted():
     data = {"ray": {"address": "ray://user:pw@host:10001", "auth_token": "abc"}, "run": {"name": "x"}}
     out = redacted(data)

@@ -99,3 +99,49 @@ def test_stages_hand_weights_on_on_device_then_resume_restores_them(tiny_model, 
     for a, b in zip(_leaves(resumed.current.state.policy.params), trained):
         np.testing.assert_array_equal(np.asarray(a), b)
     resumed.close()
+
+
+def test_dpo_learner_resumes_bit_identically_from_its_checkpoint(tiny_model, tmp_path):
+    """DPO in one process for 3 steps, against 2 steps, a checkpoint, and a new learner that restores it (and
+    recomputes the reference log-probs from the saved SL weights) for the third: the same parameters."""
+    from trainer.learner import Learner
+
+    pairs = PreferenceData(train=PAIRS[:2] + (PreferencePair("q", "short", "a much longer answer", 0.3),),
+                           heldout=PAIRS[2:])
+
+    def start(runs_dir, fresh):
+        config = _config(tiny_model, runs_dir)
+        if fresh:  # an SL stage that saved its policy, as the dpo stage's reference
+            config.run_dir.mkdir(parents=True)
+            learner = Learner(config, str(config.run_dir))
+            learner.setup("sl")
+            learner.set_data([SFTExample("u0", ({"role": "user", "content": "hi"},), "hello there")])
+            learner.train_step()
+            learner.finish()
+            StageRecord(config.run_dir).update("sl", done=True)
+            learner.close()
+        learner = Learner(config, str(config.run_dir))  # a new process: the reference read back from sl-params
+        step = learner.setup("dpo").step
+        learner.set_data(pairs)
+        return learner, step
+
+    straight, step = start(tmp_path / "a", fresh=True)
+    assert step == 0
+    before = straight.evaluate()
+    assert before["accuracy"] == 0.5 and before["margin"] == 0.0  # the policy is its reference: every pair a tie
+    logged = [straight.train_step() for _ in range(3)]
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(m["skipped"] == 0 for m in logged)
+    assert {"accuracy", "margin", "chosen_logprob", "rejected_logprob"} <= logged[0].keys()
+
+    first, _ = start(tmp_path / "b", fresh=True)
+    for _ in range(2):
+        first.train_step()
+    assert first.save(2, {}, True)
+    first.close()
+    resumed, step = start(tmp_path / "b", fresh=False)
+    assert step == 2
+    resumed.train_step()
+    for a, b in zip(_leaves(straight.current.policy_params()), _leaves(resumed.current.policy_params()), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed.finish()
+    assert (resumed.ctx.run_dir / "checkpoints" / "dpo-params" / "3").is_dir()  # the run's RL policy, for eval/export

@@ -184,3 +184,85 @@ def test_kl_config_rejects_bad_values():
         klmod.KLConfig(estimator="k2")
     with pytest.raises(klmod.KLConfigError, match="kind"):
         klmod.KLConfig(kind="sometimes")
+
+
+# ------------------------------------------------------------------------- DPO, IPO, group advantages
+
+
+def test_sequence_logprob_sums_the_response_tokens():
+    logprob = jnp.array([[0.0, -1.0, -2.0, -4.0], [0.0, -0.5, -0.25, -9.0]])
+    mask = jnp.array([[0, 1, 1, 0], [0, 0, 1, 1]])
+    np.testing.assert_allclose(losses.sequence_logprob(logprob, mask), [-3.0, -9.25])
+
+
+def test_dpo_loss_by_hand_with_soft_labels():
+    """β = 0.5. Pair 0: log-ratios +2 (chosen) and −2 (rejected): Δ = 0.5·4 = 2, p = 1 → log(1 + e^−2).
+    Pair 1: policy = reference: Δ = 0 → log 2 whatever p. Pair 2: Δ = 0.5·(1 − 3) = −1, p = 0.8 →
+    0.8·log(1 + e^1) + 0.2·log(1 + e^−1)."""
+    pc, pr = jnp.array([-1.0, -5.0, -2.0]), jnp.array([-7.0, -6.0, -1.0])
+    rc, rr = jnp.array([-3.0, -5.0, -3.0]), jnp.array([-5.0, -6.0, -4.0])
+    loss = losses.dpo_loss(pc, pr, rc, rr, jnp.array([1.0, 0.3, 0.8]), 0.5)
+    expected = [math.log1p(math.exp(-2)), math.log(2),
+                0.8 * math.log1p(math.exp(1)) + 0.2 * math.log1p(math.exp(-1))]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(losses.dpo_implicit_rewards(pc, rc, 0.5), [1.0, 0.0, 0.5])
+
+
+def test_ipo_loss_by_hand_with_soft_labels():
+    """τ = 0.25: target 1/(2τ) = 2. Pair 0: h = 4, p = 1 → (4 − 2)² = 4. Pair 1: h = 0, p = 0.5 →
+    ½·4 + ½·4 = 4. Pair 2: h = −2, p = 0.75 → 0.75·16 + 0.25·0 = 12."""
+    pc, pr = jnp.array([-1.0, -5.0, -2.0]), jnp.array([-7.0, -6.0, -1.0])
+    rc, rr = jnp.array([-3.0, -5.0, -3.0]), jnp.array([-5.0, -6.0, -4.0])
+    loss = losses.ipo_loss(pc, pr, rc, rr, jnp.array([1.0, 0.5, 0.75]), 0.25)
+    np.testing.assert_allclose(loss, [4.0, 4.0, 12.0], rtol=1e-6)
+
+
+def test_ipo_soft_label_minimum_is_at_the_label_margin():
+    h = jnp.linspace(-3.0, 3.0, 601)
+    zeros = jnp.zeros_like(h)
+    loss = losses.ipo_loss(h, zeros, zeros, zeros, jnp.full_like(h, 0.8), 0.5)
+    assert float(h[jnp.argmin(loss)]) == pytest.approx((2 * 0.8 - 1) / (2 * 0.5), abs=1e-6)
+
+
+def test_group_advantages_by_hand():
+    """Group [1, 2, 3, 6]: mean 3, population std √(14/4) = √3.5."""
+    rewards = jnp.array([[1.0, 2.0, 3.0, 6.0]])
+    centred = np.array([-2.0, -1.0, 0.0, 3.0])
+    grpo, degenerate = losses.group_advantages(rewards, "grpo", eps=0.0)
+    np.testing.assert_allclose(grpo[0], centred / math.sqrt(3.5), rtol=1e-6)
+    np.testing.assert_allclose(degenerate, [0.0])
+    np.testing.assert_allclose(losses.group_advantages(rewards, "dr_grpo")[0][0], centred, rtol=1e-6)
+    # Leave-one-out: 1 − (2+3+6)/3, 2 − (1+3+6)/3, 3 − (1+2+6)/3, 6 − (1+2+3)/3.
+    np.testing.assert_allclose(losses.group_advantages(rewards, "rloo")[0][0],
+                               [1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_of_all_equal_groups_are_zero_and_counted(kind):
+    # 0.1 three times: its float mean is not exactly 0.1, so only the explicit rule gives exact zeros.
+    rewards = jnp.array([[0.1, 0.1, 0.1], [1e30, 1e30, 1e30], [0.0, 1.0, 0.0]])
+    adv, degenerate = losses.group_advantages(rewards, kind)
+    assert np.all(np.isfinite(adv))
+    np.testing.assert_array_equal(adv[:2], 0.0)
+    np.testing.assert_array_equal(degenerate, [1.0, 1.0, 0.0])
+    assert float(jnp.abs(adv[2]).sum()) > 0
+
+
+def test_group_advantages_need_two_responses():
+    with pytest.raises(ValueError, match="≥ 2 responses"):
+        losses.group_advantages(jnp.zeros((3, 1)), "grpo")
+
+
+def test_group_policy_loss_by_hand():
+    """Row 0: A = 1, ρ = e^0.5 ≈ 1.65 clipped to 1.2 → −1.2. Row 1: A = −2, ρ = 1 → +2. k3 with
+    q = ref − logπ: q = −0.5 → e^−0.5 + 0.5 − 1; q = 0 → 0. Denominator 4 (two tokens, Dr. GRPO style)."""
+    logprob = jnp.array([[0.0, -1.0], [0.0, -2.0]])
+    old = jnp.array([[0.0, -1.5], [0.0, -2.0]])
+    ref = jnp.array([[0.0, -1.5], [0.0, -2.0]])
+    mask = jnp.array([[0, 1], [0, 1]])
+    loss, stats = losses.group_policy_loss(logprob, old, ref, jnp.array([1.0, -2.0]), mask, 0.2, 0.1, 4.0)
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert float(stats["policy_loss"]) == pytest.approx((-1.2 + 2.0) / 4, rel=1e-6)
+    assert float(stats["kl_ref"]) == pytest.approx(k3 / 4, rel=1e-5)
+    assert float(loss) == pytest.approx((-1.2 + 2.0) / 4 + 0.1 * k3 / 4, rel=1e-6)
+    assert float(stats["clip_fraction"]) == pytest.approx(1 / 4)

@@ -180,3 +180,40 @@ def test_recipe_route_direct_revisions_helpful_answers_and_revision_pairs(tiny_m
     assert all(stages[s]["done"] for s in ("sl", "label", "rm", "ppo"))
     assert stages["sl"]["revised"] == 3 and stages["sl"]["answered"] == 6
     assert (run_dir / "hf" / "config.json").is_file()
+
+
+def test_dpo_route_without_a_preference_model(tiny_model, tmp_path):
+    """run.stages=[sl,label,dpo]: DPO of the SL policy on the AI labels is the run's RL policy — evaluated as the
+    rl point (base | SL | RL), exported, and what RUN:rl names."""
+    import numpy as np
+    from flax import nnx
+
+    from models.sources import load_checkpoint
+    from trainer.eval.sources import load_policy
+
+    run_train(tiny_model, tmp_path, "run.stages=[sl,label,dpo]")
+    run_dir = tmp_path / "tiny"
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert set(stages) == {"sl", "label", "dpo", "eval"} and all(stages[s]["done"] for s in ("sl", "label", "dpo"))
+    assert stages["dpo"]["heldout_accuracy_before"] == 0.5  # the policy starts as its reference: every pair a tie
+    assert stages["dpo"]["train_pairs"] + stages["dpo"]["heldout_pairs"] == 6
+    assert not (run_dir / "checkpoints" / "rm").exists() and not (run_dir / "checkpoints" / "ppo").exists()
+    assert [p.name for p in (run_dir / "checkpoints" / "dpo-params").iterdir()] == ["2"]
+    metrics = read_records(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m["stage"] == "dpo"] == [1, 2]
+    assert [m["step"] for m in metrics if m["stage"] == "dpo_eval"] == [0, 2]
+    for m in (m for m in metrics if m["stage"] == "dpo"):
+        assert {"dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/chosen_logprob", "dpo/rejected_logprob"} <= m.keys()
+    assert [m["step"] for m in metrics if m["stage"] == "eval"] == [0, 1, 2]
+    for point, version in (("base", 0), ("sl", 1), ("rl", 2)):
+        replies = read_records(run_dir / "eval" / "ledgers" / f"{point}-replies.jsonl")
+        assert {r["version"] for r in replies} == {version}, point
+    report = (run_dir / "report.md").read_text()
+    assert "| suite | metric | n | base | SL | RL |" in report and "## RL-CAI by DPO" in report
+    exported = load_checkpoint(str(run_dir)).params
+    rl = dict(nnx.to_flat_state(nnx.state(load_policy(f"{run_dir}:rl").model, nnx.Param)))
+    sl = dict(nnx.to_flat_state(nnx.state(load_policy(f"{run_dir}:sl").model, nnx.Param)))
+    assert len(exported) == len(rl) > 0
+    for path, array in exported.items():
+        np.testing.assert_allclose(np.asarray(rl[tuple(path)][...]), np.asarray(array), rtol=0, atol=1e-6)
+    assert any(not np.array_equal(np.asarray(rl[tuple(p)][...]), np.asarray(sl[tuple(p)][...])) for p in exported)

@@ -235,3 +235,25 @@ def test_train_refuses_a_run_that_does_not_fit_before_anything_starts(tmp_path):
     assert not ray.is_initialized()
     assert not (tmp_path / "tiny" / "config.yaml").exists()  # no run started
     assert json.loads((tmp_path / "tiny" / "plan.json").read_text())["fits"] is False
+
+
+@pytest.mark.slow  # compiles the DPO and GRPO programs of the tiny model
+@pytest.mark.parametrize("overrides, names", [
+    (("run.stages=[dpo]", "dpo.batch_size=8"), ["dpo_update", "reference_logprobs"]),
+    (("run.stages=[ppo]", "ppo.algorithm=grpo", "ppo.group.group_size=4", "ppo.batch_size=2"),
+     ["group_update", "reference_logprobs", "pm_scores", "rollout_sampler"]),
+])
+def test_plan_covers_dpo_and_the_group_algorithms(eight_devices, overrides, names):
+    """The learner programs of the routes without a preference model (dpo) and without a value model (grpo),
+    compiled as their learners build them; GRPO's update holds no value model, so it needs less than PPO's."""
+    from trainer.plan.planner import make_plan
+    from trainer.plan.targets import parse_target
+
+    plan = make_plan(tiny_config("model.mesh.data=-1", *overrides), parse_target("local"))
+    assert [p.name for p in plan.programs] == names and plan.fits
+    if "ppo.algorithm=grpo" in overrides:
+        ppo = make_plan(tiny_config("model.mesh.data=-1", "run.stages=[ppo]", "ppo.batch_size=8"), parse_target("local"),
+                        only=("ppo_update",))
+        group_update = plan.programs[0]
+        assert group_update.param_bytes + group_update.opt_state_bytes < ppo.programs[0].param_bytes + \
+            ppo.programs[0].opt_state_bytes

@@ -47,6 +47,15 @@ def assert_trees_close(a, b, tol=TOL):
         np.testing.assert_allclose(x, y, atol=tol, rtol=0)
 
 
+def assert_same_update(result, reference, tol=TOL):
+    """(params, metrics) of a sharded step equal the single-device step's: parameters within `tol`, every
+    metric within `tol` absolute or relative (squared losses of summed log-probs are O(10))."""
+    assert_trees_close(result[0], reference[0], tol)
+    assert result[1].keys() == reference[1].keys()
+    for key, value in result[1].items():
+        np.testing.assert_allclose(value, reference[1][key], atol=tol, rtol=tol, err_msg=key)
+
+
 def sft_batch(rows=8, length=16, seed=0):
     rng = np.random.default_rng(seed)
     attention = np.ones((rows, length), bool)

@@ -24,15 +24,24 @@ from models.errors import UserError
 from trainer import configlib
 from trainer.checkpoint import CheckpointConfig
 from trainer.critique import CritiqueConfig
+from trainer.dpo import DPOConfig
 from trainer.eval.config import EvalConfig
 from trainer.feedback import FeedbackConfig
+from trainer.grpo import GroupConfig
 from trainer.kl import KLConfig
 from trainer.mesh import MeshConfig
 from trainer.optim import OptimizerConfig
 from trainer.ppo import PPOConfig
 
-STAGES = ("sl", "label", "rm", "ppo")
-Stage = Literal["sl", "label", "rm", "ppo"]
+STAGES = ("sl", "label", "dpo", "rm", "ppo")
+Stage = Literal["sl", "label", "dpo", "rm", "ppo"]
+DEFAULT_STAGES = ("sl", "label", "rm", "ppo")
+RL_STAGES = ("ppo", "dpo")  # alternative ways to the RL policy: on-policy RL on a preference model, or DPO on the labels
+
+
+def rl_stage(stages) -> str:
+    """The stage whose policy is the run's RL policy (the `rl` evaluation point, the export): dpo or ppo."""
+    return "dpo" if "dpo" in stages else "ppo"
 
 
 class RunConfigError(UserError, ValueError):
@@ -145,9 +154,30 @@ class RMSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOSection(DPOConfig):
+    """DPO / IPO of the SL policy straight on the AI labels (trainer/dpo.py): no preference model, no sampling."""
+
+    steps: int = 16  # updates
+    batch_size: int = 4  # pairs per update
+    heldout_fraction: float = 0.25  # labelled pairs kept out of training for implicit-reward accuracy
+    max_seq_len: int = 160  # prompt + response tokens per side
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=5e-6, decay="constant", total_steps=1000))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps < 0 or self.batch_size < 1 or not 0.0 < self.heldout_fraction < 1.0 or self.max_seq_len < 2:
+            raise RunConfigError("dpo: steps ≥ 0, batch_size ≥ 1, heldout_fraction in (0, 1) and max_seq_len ≥ 2 "
+                                 "expected")
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOSection:
+    # The RL stage's algorithm: ppo (value model, GAE) or, without a value model, grpo / rloo on groups of
+    # `group.group_size` responses per prompt (trainer/grpo.py)
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     iterations: int = 8  # rollout → update cycles
-    batch_size: int = 8  # prompts (one response each) per iteration
+    batch_size: int = 8  # prompts per iteration (ppo: one response each; grpo/rloo: a group each)
     max_new_tokens: int = 32  # response budget per rollout
     temperature: float = 1.0
     top_k: int = 0
@@ -159,11 +189,17 @@ class PPOSection:
     value_optimizer: OptimizerConfig = dataclasses.field(
         default_factory=lambda: OptimizerConfig(learning_rate=5e-5, decay="constant", total_steps=1000))
     value_from: Literal["reward_model", "policy"] = "reward_model"  # value model initialisation
+    group: GroupConfig = dataclasses.field(default_factory=GroupConfig)  # grpo / rloo settings (the update's too)
 
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1 or self.eval_max_new_tokens < 1:
             raise RunConfigError("ppo: iterations ≥ 0, batch_size ≥ 1 and eval_max_new_tokens ≥ 1 expected")
         self.sampling()  # raises on a setting that describes no distribution
+
+    @property
+    def grouped(self) -> bool:
+        """Groups of responses per prompt and no value model (grpo, rloo)?"""
+        return self.algorithm != "ppo"
 
     def sampling(self) -> SamplingParams:
         """How rollout workers sample PPO's responses."""
@@ -270,7 +306,7 @@ class RunSection:
     name: str = "demo"  # run directory is <runs_dir>/<name>
     runs_dir: str = "runs"
     seed: int = 0
-    stages: tuple[Stage, ...] = STAGES  # which stages to run, in this order
+    stages: tuple[Stage, ...] = DEFAULT_STAGES  # which stages to run, in this order
     export: bool = True  # write hf/ with the final policy
     max_nonfinite_updates: int = 5  # stop (checkpoint saved) after this many updates in a row were skipped as non-finite
     preflight: bool = True  # before Ray starts: compile the learner's steps for its devices, refuse what will not fit
@@ -286,6 +322,9 @@ class RunSection:
         if not self.stages or order != sorted(set(order)):
             raise RunConfigError(f"run.stages must be a non-empty subset of {list(STAGES)} in that order, "
                                  f"got {list(self.stages)}")
+        if set(RL_STAGES) <= set(self.stages):
+            raise RunConfigError(f"run.stages: ppo and dpo are two ways to the RL policy; choose one, got "
+                                 f"{list(self.stages)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +335,7 @@ class RunConfig:
     sl: SLSection = dataclasses.field(default_factory=SLSection)
     label: LabelSection = dataclasses.field(default_factory=LabelSection)
     rm: RMSection = dataclasses.field(default_factory=RMSection)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # suites on base, SL and RL policies
     learner: LearnerSection = dataclasses.field(default_factory=LearnerSection)

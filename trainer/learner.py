@@ -135,7 +135,9 @@ class Learner:
         if stage == "base":
             params = self.ctx.initial_params()
         else:
-            optimizer = {"sl": self.ctx.config.sl.optimizer, "ppo": self.ctx.config.ppo.policy_optimizer}[stage]
+            config = self.ctx.config
+            optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer,
+                         "dpo": config.dpo.optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
         host = host_params(gather_to_host(params))
         return publish(version, host, time.perf_counter() - start) if jax.process_index() == 0 else None

@@ -190,3 +190,89 @@ def explained_variance(predicted_BxT, target_BxT, mask_BxT) -> jax.Array:
     """1 − var_m(target − predicted) / var_m(target); 1 is perfect, ≤ 0 is no better than a constant."""
     var_target = masked_var(target_BxT, mask_BxT)
     return 1.0 - masked_var(target_BxT - predicted_BxT, mask_BxT) / jnp.maximum(var_target, 1e-8)
+
+
+# ------------------------------------------------------------------- direct preference optimisation
+
+
+def sequence_logprob(logprob_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    """log π(y | x) = Σ_t m_t · log π(y_t | x, y_<t): the response's log-probability per row, [B]."""
+    return jnp.sum(jnp.where(mask_BxT.astype(bool), logprob_BxT.astype(jnp.float32), 0.0), axis=1)
+
+
+def dpo_implicit_rewards(policy_B, ref_B, beta) -> jax.Array:
+    """DPO's implicit reward of a response: r(x, y) = β · (log π(y|x) − log π_ref(y|x))."""
+    return beta * (policy_B - ref_B).astype(jnp.float32)
+
+
+def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, p_chosen_B, beta) -> jax.Array:
+    """DPO (Rafailov et al. 2023) with soft labels (conservative DPO), per pair.
+
+    With implicit rewards r = β·(log π(y|x) − log π_ref(y|x)), Δ = r_c − r_r and label p = P(c ≻ r):
+        L = −[p · log σ(Δ) + (1 − p) · log σ(−Δ)]
+    i.e. the Bradley–Terry cross-entropy on implicit rewards; p = 1 is plain DPO, p = 1 − ε is cDPO's
+    label smoothing ε. Arguments are sequence log-probs ([B], `sequence_logprob`). Returns loss_B.
+    """
+    return bradley_terry_loss(dpo_implicit_rewards(policy_chosen_B, ref_chosen_B, beta),
+                              dpo_implicit_rewards(policy_rejected_B, ref_rejected_B, beta), p_chosen_B)
+
+
+def ipo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, p_chosen_B, tau) -> jax.Array:
+    """IPO (Azar et al. 2023) with soft labels, per pair.
+
+    With h = (log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r)) and label p = P(c ≻ r), the squared
+    loss regresses h onto ±1/(2τ), in expectation over the label:
+        L = p · (h − 1/(2τ))² + (1 − p) · (h + 1/(2τ))²
+    (minimised at h = (2p − 1)/(2τ); p = 1 is the paper's (h − 1/(2τ))²). Returns loss_B.
+    """
+    h = ((policy_chosen_B - ref_chosen_B) - (policy_rejected_B - ref_rejected_B)).astype(jnp.float32)
+    p, target = p_chosen_B.astype(jnp.float32), 1.0 / (2.0 * tau)
+    return p * jnp.square(h - target) + (1.0 - p) * jnp.square(h + target)
+
+
+# ---------------------------------------------------------------- group-relative policy optimisation
+
+
+def group_advantages(rewards_NxG: jax.Array, kind: str, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """One advantage per response from the rewards of the G responses to the same prompt (a group).
+
+        grpo     A_i = (r_i − mean(r)) / (std(r) + ε)             (Shao et al. 2024; population std)
+        dr_grpo  A_i = r_i − mean(r)                               (Liu et al. 2025: no std)
+        rloo     A_i = r_i − 1/(G−1) · Σ_{j≠i} r_j = G/(G−1) · (r_i − mean(r))   (Ahmadian et al. 2024)
+    A group whose rewards are all equal (degenerate: nothing to learn from) gets exactly 0 — never NaN,
+    whatever rounding does to its mean. Returns (advantages_NxG, degenerate_N ∈ {0, 1}).
+    """
+    r = rewards_NxG.astype(jnp.float32)
+    group_size = r.shape[1]
+    if group_size < 2:
+        raise ValueError(f"group-relative advantages need ≥ 2 responses per prompt, got {group_size}")
+    degenerate_N = jnp.max(r, axis=1) == jnp.min(r, axis=1)
+    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    if kind == "grpo":
+        adv = centred / (jnp.std(r, axis=1, keepdims=True) + eps)
+    elif kind == "dr_grpo":
+        adv = centred
+    elif kind == "rloo":
+        adv = centred * (group_size / (group_size - 1))
+    else:
+        raise ValueError(f"unknown group advantage {kind!r}; expected 'grpo', 'dr_grpo' or 'rloo'")
+    return jnp.where(degenerate_N[:, None], 0.0, adv), degenerate_N.astype(jnp.float32)
+
+
+def group_policy_loss(logprob_BxT, old_logprob_BxT, ref_logprob_BxT, advantages_B, mask_BxT, clip_ratio: float,
+                      kl_coef: float, denominator) -> tuple[jax.Array, dict]:
+    """The clipped token-level objective of GRPO / RLOO with the KL to the reference in the loss:
+
+        ρ_t = exp(log π(a_t) − log π_old(a_t)),   A_t = A (the response's advantage, on each of its tokens)
+        L_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A) + β · k3_t
+        k3_t = e^{q_t} − q_t − 1,   q_t = log π_ref(a_t) − log π(a_t)
+        L = Σ_t m_t L_t / denominator
+    The denominator sets the length normalisation: the batch's response-token count (token-level, DAPO
+    style) or a constant such as rows × max_new_tokens (Dr. GRPO: no length bias). Also returns the
+    clip fraction, approx-KL to π_old and the mean k3 KL to the reference.
+    """
+    advantages_BxT = jnp.broadcast_to(advantages_B[:, None], logprob_BxT.shape).astype(jnp.float32)
+    surrogate, stats = ppo_policy_loss(logprob_BxT, old_logprob_BxT, advantages_BxT, mask_BxT, clip_ratio,
+                                       denominator=denominator)
+    kl = masked_mean(kl_estimate(logprob_BxT, ref_logprob_BxT, "k3"), mask_BxT, denominator)
+    return surrogate + kl_coef * kl, {**stats, "policy_loss": surrogate, "kl_ref": kl}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from trainer import configlib, topology
-from trainer.config import RunConfig, redacted, to_yaml
+from trainer.config import RunConfig, redacted, rl_stage, to_yaml
 from trainer.durable import write_atomic
 from trainer.pipeline_state import StageRecord
 from trainer.run_lock import RunLock
@@ -87,7 +87,7 @@ def validate(config: RunConfig) -> Validated:
 # workers, timeouts, checkpoint cadence, where files live, the learner mesh: checkpoints restore onto
 # another mesh). Any other change would mix two experiments in one run directory. A key ending in "." is a
 # whole section.
-RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps",
+RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps", "dpo.steps",
                      "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
                      "rollout.num_cpus", "rollout.resources.", "data.data_dir", "model.mesh.", "learner.", "ray.",
                      "checkpoint.", "eval.train_models")
@@ -333,7 +333,8 @@ def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, 
             log.info("stage %s: done in %.1f s", stage, seconds)
         run_due_evaluations(ctx)  # the RL policy
         write_comparison(run_dir)
-        if config.run.export and "ppo" in config.run.stages and ctx.stages.done("ppo"):
+        final = rl_stage(config.run.stages)  # the run's RL policy: PPO's or DPO's
+        if config.run.export and final in config.run.stages and ctx.stages.done(final):
             ray.get(watch.export.remote(str(run_dir / "hf")))
         from trainer.report import write_report
 

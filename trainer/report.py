@@ -2,8 +2,9 @@
 
 Sections: the evaluation of the base, SL and RL policies (eval/, one table with CIs and deltas vs
 base, then its plot); stage wall times; SL-CAI critiques and revisions grouped by principle; AI
-labels; the preference model's held-out accuracy; PPO reward and KL per iteration (plots/ppo.png);
-the mean preference-model reward of greedy answers to held-out prompts before and after PPO.
+labels; the preference model's held-out accuracy; DPO's implicit-reward accuracy per step; PPO reward
+and KL per iteration (plots/ppo.png); the mean preference-model reward of greedy answers to held-out
+prompts before and after PPO.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
     info = stages.get("ppo", {})
     if not ppo and "pm_reward_before" not in info:
         return []
-    lines = ["## RL-CAI (PPO)", ""]
+    algorithm = info.get("algorithm", "ppo").upper()
+    lines = [f"## RL-CAI ({algorithm})", ""]
     if "pm_reward_after" in info:
         delta = info["pm_reward_after"] - info["pm_reward_before"]
         lines += [f"Mean preference-model reward of greedy answers to held-out prompts: before PPO "
@@ -99,8 +101,12 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
         lines += [f"Final iteration: KL {last.get('ppo/kl', float('nan')):.4f} nats/sequence, "
                   f"β {last.get('ppo/beta', float('nan')):.4f}, entropy {last.get('ppo/entropy', float('nan')):.3f}, "
                   f"stale results dropped {info.get('stale_dropped', 0)}, worker deaths {info.get('worker_deaths', 0)}.",
-                  "", "![reward and KL](plots/ppo.png)", "",
-                  "| iteration | reward mean | reward std | KL | β | clip frac | approx KL | value loss | expl. var | "
+                  "", "![reward and KL](plots/ppo.png)", ""]
+        if "ppo/degenerate_groups" in last:  # grpo / rloo
+            degenerate = sum(r.get("ppo/degenerate_groups", 0) for r in ppo)
+            lines += [f"Groups whose responses all scored the same (zero advantage, nothing learned): "
+                      f"{degenerate:.0f} over {len(ppo)} iterations.", ""]
+        lines += ["| iteration | reward mean | reward std | KL | β | clip frac | approx KL | value loss | expl. var | "
                   "resp. len | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in ppo:
             cols = [r.get(f"ppo/{k}") for k in ("reward_mean", "reward_std", "kl", "beta", "clip_fraction",
@@ -115,6 +121,25 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
         for r in after[:3]:
             lines += [f"- prompt: {_short(r['prompt'], 160)}", f"  - before: {_short(before.get(r['uid'], {}).get('response', ''), 240)}",
                       f"  - after: {_short(r.get('response', ''), 240)}"]
+        lines.append("")
+    return lines
+
+
+def _dpo_section(stages: dict, metrics: list[dict]) -> list[str]:
+    info = stages.get("dpo", {})
+    if "heldout_accuracy" not in info:
+        return []
+    lines = ["## RL-CAI by DPO", "",
+             f"Held-out implicit-reward accuracy **{info['heldout_accuracy']:.3f}** (before training "
+             f"{info.get('heldout_accuracy_before', float('nan')):.3f}; chance 0.5; the reference ties every pair), "
+             f"margin r_c − r_r {info.get('heldout_margin', float('nan')):.4f}, on {info.get('heldout_pairs')} held-out "
+             f"pairs, trained on {info.get('train_pairs')}.", ""]
+    rows = [r for r in metrics if r.get("stage") == "dpo"]
+    if rows:
+        lines += ["| step | loss | accuracy | margin | log π(chosen) | log π(rejected) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            cols = [r.get(f"dpo/{k}") for k in ("loss", "accuracy", "margin", "chosen_logprob", "rejected_logprob")]
+            lines.append(f"| {r['step']} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cols) + " |")
         lines.append("")
     return lines
 
@@ -149,7 +174,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# cairl run `{run_dir.name}`", ""]
     lines += _eval_section(run_dir)
     lines += ["## Stages", "", "| stage | done | wall time (s) |", "|---|---|---|"]
-    for stage in ("sl", "label", "rm", "ppo"):
+    for stage in ("sl", "label", "dpo", "rm", "ppo"):
         if stage in stages:
             lines.append(f"| {stage} | {stages[stage].get('done', False)} | {stages[stage].get('seconds', '—')} |")
     eval_seconds = stages.get("eval", {}).get("seconds", {})
@@ -160,6 +185,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += topology.report_lines(run_dir)
     lines += _sl_section(run_dir)
     lines += _label_section(run_dir, stages)
+    lines += _dpo_section(stages, metrics)
     lines += _ppo_section(run_dir, stages, metrics)
     lines += ["## Files", "", "config.yaml, metrics.jsonl, tb/, samples/*.jsonl, checkpoints/<stage>/, hf/ (export)", ""]
     out = run_dir / "report.md"

@@ -10,6 +10,7 @@ The worker first brings its policy to that version (fetching from the object sto
 change), then runs the whole batch at that version — a batch never mixes versions — and returns
 `TaskResult(version, records={uid: record})`. Kinds:
   rollout  one sampled response per prompt: token ids and behaviour log-probs (PPO)   RolloutSettings
+  group    group_size sampled responses per prompt, one record holding them all (GRPO/RLOO)  RolloutSettings
   sl       SL-CAI: answer, then rounds of critique → revision (trainer.critique)      CritiqueConfig
   label    two responses per prompt, scored by the feedback model (trainer.feedback)  FeedbackConfig
   reply    greedy chat replies (evaluation)                                          eval.workers.ReplySettings
@@ -40,11 +41,12 @@ class RolloutSettings:
 
     sampling: Any  # models.sampling.SamplingParams
     max_prompt_tokens: int | None = None  # keep the last this many prompt tokens (None: all)
+    group_size: int = 1  # responses per prompt of a `group` task
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    kind: str  # rollout | sl | label | reply | options
+    kind: str  # rollout | group | sl | label | reply | options
     uids: tuple[str, ...]
     texts: tuple[str, ...]  # the user prompt of each uid
     weights: WeightHandle
@@ -177,6 +179,27 @@ class RolloutWorker:
                 "response_ids": response,
                 "logprobs": samples.policy_logprobs[row, :n].astype(float).tolist(),
                 "response": policy.tokenizer.decode(response),
+            }
+        return records, int(samples.lengths.sum())
+
+    def _run_group(self, policy, task: Task):
+        """G samples of each prompt in one batch (rows i·G … i·G+G−1; each row draws its own random stream),
+        returned as one record per prompt uid: the ledger completes the whole group at once, and the task's
+        single weight version is every response's."""
+        settings: RolloutSettings = task.settings
+        keep, group = settings.max_prompt_tokens, settings.group_size
+        prompts = [policy.chat_ids(t)[-keep:] if keep else policy.chat_ids(t) for t in task.texts]
+        samples = policy.sampler.generate([p for p in prompts for _ in range(group)], settings.sampling, seed=task.seed)
+        records = {}
+        for i, uid in enumerate(task.uids):
+            rows = range(i * group, (i + 1) * group)
+            responses = [samples.tokens[r, : int(samples.lengths[r])].tolist() for r in rows]
+            records[uid] = {
+                "prompt_ids": prompts[i],
+                "group_response_ids": responses,
+                "group_logprobs": [samples.policy_logprobs[r, : int(samples.lengths[r])].astype(float).tolist()
+                                   for r in rows],
+                "group_responses": [policy.tokenizer.decode(ids) for ids in responses],
             }
         return records, int(samples.lengths.sum())
 

@@ -11,6 +11,7 @@ import json
 BENCHMARKS = {
     "sampler": "trainer.bench.sampler",
     "ppo": "trainer.bench.ppo",
+    "rl": "trainer.bench.rl",
 }
 
 

@@ -1,7 +1,8 @@
 """Models an evaluation names: any `models.sources` source, or one stage of a cairl run directory.
 
     RUN_DIR:sl     the policy after SL-CAI        (checkpoints/sl-params, a Llama)
-    RUN_DIR:rl     the policy after PPO            (checkpoints/ppo-params; `RUN_DIR:ppo` also works)
+    RUN_DIR:rl     the policy after PPO or DPO     (checkpoints/ppo-params or dpo-params, as the run's
+                                                    stages say; `RUN_DIR:ppo`, `RUN_DIR:dpo` also work)
     RUN_DIR:rm     the preference model            (checkpoints/rm-params, a ScalarModel)
     RUN_DIR:base   the run's initial model         (its config's model.source)
 A run directory without a stage means its `hf/` export (the final policy), as everywhere in cairl.
@@ -18,14 +19,14 @@ import numpy as np
 
 from models.sources import ModelSourceError
 
-STAGE_ALIASES = {"sl": "sl", "rl": "ppo", "ppo": "ppo", "rm": "rm", "base": "base"}
-POLICY_STAGES = ("base", "sl", "ppo")
+STAGE_ALIASES = {"sl": "sl", "rl": "rl", "ppo": "ppo", "dpo": "dpo", "rm": "rm", "base": "base"}
+POLICY_STAGES = ("base", "sl", "ppo", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunStage:
     run_dir: Path
-    stage: str  # base | sl | ppo | rm
+    stage: str  # base | sl | ppo | dpo | rm
 
 
 def parse_run_stage(source: str) -> RunStage | None:
@@ -36,7 +37,13 @@ def parse_run_stage(source: str) -> RunStage | None:
     if stage not in STAGE_ALIASES:
         raise ModelSourceError(f"model {source!r}: unknown stage {stage!r} of run {path}; expected one of "
                                f"{', '.join(sorted(STAGE_ALIASES))}")
-    return RunStage(Path(path).expanduser(), STAGE_ALIASES[stage])
+    run_dir = Path(path).expanduser()
+    stage = STAGE_ALIASES[stage]
+    if stage == "rl":  # the run's RL stage: PPO's policy, or DPO's in a run that took that route
+        from trainer.config import rl_stage
+
+        stage = rl_stage(run_config(run_dir).run.stages)
+    return RunStage(run_dir, stage)
 
 
 def run_config(run_dir: Path):

@@ -123,6 +123,40 @@ class SupervisedLearner(StageLearner):
         return metrics
 
 
+class PairLearner(SupervisedLearner):
+    """A supervised stage on labelled preference pairs (the preference model, DPO): training rows and
+    held-out rows built by `_pair_arrays`, held-out sums from `self._eval_fn` combined by `_eval_metrics`."""
+
+    def __init__(self, ctx: LearnerContext):
+        super().__init__(ctx)
+        self.heldout: dict[str, np.ndarray] = {}
+        self._eval_fn = None
+
+    def _pair_arrays(self, pairs) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _eval_metrics(self, sums: list[dict]) -> Metrics:
+        raise NotImplementedError
+
+    def set_data(self, data) -> int:
+        """`data` is a trainer.learners.requests.PreferenceData."""
+        self.data = self._pair_arrays(data.train)
+        self.heldout = self._pair_arrays(data.heldout)
+        return len(data.train)
+
+    def evaluate(self) -> Metrics:
+        """Held-out metrics in batches of the training batch size; the last batch is filled by wrapping,
+        its extra rows masked (`valid_B`)."""
+        n = len(self.heldout["p_chosen_B"])
+        sums = []
+        for start in range(0, n, self.batch_size):
+            rows = np.arange(start, start + self.batch_size)
+            batch = {k: v[rows % n] for k, v in self.heldout.items()}
+            batch["valid_B"] = (rows < n).astype(np.float32)
+            sums.append(gather_to_host(self._eval_fn(self.state, put_batch(batch, self.ctx.rules))))
+        return self._eval_metrics(sums)
+
+
 def pad_rows(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [len(rows), length] int32 tokens (rows cut to `length`) and their 0/1 mask."""
     tokens_BxT = np.full((len(rows), length), pad_id, np.int32)

@@ -33,11 +33,10 @@ class PPOLearner(StageLearner):
 
     def setup(self) -> StageStart:
         from trainer.ppo import abstract_ppo_state, create_ppo_state, make_ppo_step, make_token_fn
-        from trainer.steps import sequence_scores, token_logprobs_and_entropy
 
         ctx, cfg, seed = self.ctx, self.config.ppo, self.config.run.seed
         llama, scalar = ctx.llama_factory(), ctx.scalar_factory()
-        reference, reward_model = ctx.policy_params(), ctx.reward_model_params()
+        reference, reward_model = self._frozen_models()
         restored = self.ckpt.restore(abstract_ppo_state(ctx.abstract_state(llama, cfg.policy_optimizer, seed),
                                                         ctx.abstract_state(scalar, cfg.value_optimizer, seed + 1)))
         if restored is not None:
@@ -49,12 +48,20 @@ class PPOLearner(StageLearner):
             self.state, extras = create_ppo_state(policy, value, cfg.update.kl), {}
         self._step_fn = make_ppo_step(self.state, cfg.update, ctx.rules)
         self._values_fn = make_token_fn(self.state.value, ctx.rules, "values")
-        llama_graph, scalar_graph = ctx.graphdef(llama), ctx.graphdef(scalar)
-        self._reference, self._reward_model = reference, reward_model
+        return StageStart(step=self.step(), extras=extras)
+
+    def _frozen_models(self) -> tuple[nnx.State, nnx.State]:
+        """The frozen reference (the policy entering the stage) and preference model, with their jitted
+        per-token log-probs and sequence scores; returns (reference, reward model) parameters."""
+        from trainer.steps import sequence_scores, token_logprobs_and_entropy
+
+        ctx = self.ctx
+        self._reference, self._reward_model = ctx.policy_params(), ctx.reward_model_params()
+        llama_graph, scalar_graph = ctx.graphdef(ctx.llama_factory()), ctx.graphdef(ctx.scalar_factory())
         self._reference_logprobs = jax.jit(
             lambda p, t, m: token_logprobs_and_entropy(nnx.merge(llama_graph, p), t, m)[0])
         self._scores = jax.jit(lambda p, t, m: sequence_scores(nnx.merge(scalar_graph, p), t, m))
-        return StageStart(step=self.step(), extras=extras)
+        return self._reference, self._reward_model
 
     def step(self) -> int:
         return int(self.state.policy.step)
@@ -113,8 +120,14 @@ class PPOLearner(StageLearner):
 
     def train_step(self, batch: list[Rollout] | None = None) -> Metrics:
         """One PPO iteration's learner side: scores, reference log-probs, values, then the update."""
-        rollouts = batch or []
         t0 = time.perf_counter()
+        update = self._rollout_batch(batch or [])
+        values = self._host(self._values_fn, self.state.value, update["tokens_BxT"], update["attention_mask_BxT"])
+        update["old_values_BxT"] = np.asarray(values, np.float32)
+        return self._update(update, time.perf_counter() - t0)
+
+    def _rollout_batch(self, rollouts: list[Rollout]) -> dict[str, np.ndarray]:
+        """The rollouts as rows with their behaviour and reference log-probs and preference-model scores."""
         tokens, attention, response_mask, offsets = self._sequence_arrays(
             [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
         old_logprobs = np.zeros(tokens.shape, np.float32)
@@ -123,11 +136,13 @@ class PPOLearner(StageLearner):
             old_logprobs[i, off: off + len(lp)] = lp
         scores = self._host(self._scores, self._reward_model, tokens, attention)
         ref = self._host(self._reference_logprobs, self._reference, tokens, attention)
-        values = self._host(self._values_fn, self.state.value, tokens, attention)
-        score_seconds = time.perf_counter() - t0
-        update = {"tokens_BxT": tokens, "attention_mask_BxT": attention, "response_mask_BxT": response_mask,
-                  "old_logprobs_BxT": old_logprobs, "ref_logprobs_BxT": np.asarray(ref, np.float32),
-                  "old_values_BxT": np.asarray(values, np.float32), "scores_B": np.asarray(scores, np.float32)}
+        return {"tokens_BxT": tokens, "attention_mask_BxT": attention, "response_mask_BxT": response_mask,
+                "old_logprobs_BxT": old_logprobs, "ref_logprobs_BxT": np.asarray(ref, np.float32),
+                "scores_B": np.asarray(scores, np.float32)}
+
+    def _update(self, update: dict[str, np.ndarray], score_seconds: float) -> Metrics:
+        """The jitted update on `update`, its metrics on the host with timings and the reward statistics."""
+        scores = update["scores_B"]
         t1 = time.perf_counter()
         self.state, metrics = self._step_fn(self.state, put_batch(update, self.ctx.rules))
         metrics = {k: float(v) for k, v in gather_to_host(metrics).items()}

@@ -52,3 +52,9 @@ class Rollout:
     def from_record(cls, record: dict) -> "Rollout":
         """From a line of samples/rollouts.jsonl (a rollout task's record)."""
         return cls(tuple(record["prompt_ids"]), tuple(record["response_ids"]), tuple(record["logprobs"]))
+
+    @classmethod
+    def group_from_record(cls, record: dict) -> list["Rollout"]:
+        """The G rollouts of one prompt from a `group` task's record (samples/rollouts.jsonl), in sampled order."""
+        return [cls(tuple(record["prompt_ids"]), tuple(ids), tuple(lps))
+                for ids, lps in zip(record["group_response_ids"], record["group_logprobs"], strict=True)]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.distributed import gather_to_host, put_batch
-from trainer.learners.base import SupervisedLearner, pad_rows
-from trainer.learners.requests import Metrics, PreferenceData, PreferencePair, StageStart
+from trainer.learners.base import PairLearner, pad_rows
+from trainer.learners.requests import Metrics, PreferencePair, StageStart
 
 
-class RMLearner(SupervisedLearner):
+class RMLearner(PairLearner):
     stage = "rm"
 
     def setup(self) -> StageStart:
@@ -22,26 +21,12 @@ class RMLearner(SupervisedLearner):
                                 lambda: ctx.scalar_params_from(ctx.initial_params()))
         self._step_fn = make_rm_step(self.state, ctx.rules)
         self._eval_fn = make_rm_eval(self.state, ctx.rules)
-        self.heldout: dict[str, np.ndarray] = {}
         return start
 
-    def set_data(self, data: PreferenceData) -> int:
-        self.data = self._pair_arrays(data.train)
-        self.heldout = self._pair_arrays(data.heldout)
-        return len(data.train)
-
-    def evaluate(self) -> Metrics:
-        """Held-out accuracy, Bradley–Terry loss and score margin (trainer.steps.make_rm_eval), in
-        batches of the training batch size; the last batch is filled by wrapping, its extra rows masked."""
+    def _eval_metrics(self, sums: list[dict]) -> Metrics:
+        """Held-out accuracy, Bradley–Terry loss and score margin (trainer.steps.make_rm_eval)."""
         from trainer.steps import rm_eval_metrics
 
-        n = len(self.heldout["p_chosen_B"])
-        sums = []
-        for start in range(0, n, self.batch_size):
-            rows = np.arange(start, start + self.batch_size)
-            batch = {k: v[rows % n] for k, v in self.heldout.items()}
-            batch["valid_B"] = (rows < n).astype(np.float32)
-            sums.append(gather_to_host(self._eval_fn(self.state, put_batch(batch, self.ctx.rules))))
         return rm_eval_metrics(sums)
 
     def _pair_arrays(self, pairs: tuple[PreferencePair, ...]) -> dict[str, np.ndarray]:

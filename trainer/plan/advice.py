@@ -15,9 +15,9 @@ import math
 from trainer.plan.planner import Plan, ProgramPlan
 
 GIB = 1 << 30
-_OPTIMIZER_KEYS = {"sl": ("sl.optimizer",), "rm": ("rm.optimizer",),
+_OPTIMIZER_KEYS = {"sl": ("sl.optimizer",), "rm": ("rm.optimizer",), "dpo": ("dpo.optimizer",),
                    "ppo": ("ppo.policy_optimizer", "ppo.value_optimizer")}
-TRAINING = ("sft_update", "rm_update", "ppo_update")
+TRAINING = ("sft_update", "rm_update", "ppo_update", "dpo_update", "group_update")
 
 
 def gib(n: float) -> str:

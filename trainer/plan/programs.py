@@ -8,6 +8,9 @@ Per stage (the learner holds one stage's models at a time):
   rm   rm_update, rm_scores (held-out evaluation)    preference-model train state
   ppo  ppo_update, reference_logprobs, value_estimates, pm_scores, rollout_sampler
                                                      PPO state (policy + value), frozen reference and PM
+       with ppo.algorithm grpo / rloo: group_update, reference_logprobs, pm_scores, rollout_sampler
+                                                     the policy alone, frozen reference and PM
+  dpo  dpo_update, reference_logprobs                policy train state, frozen reference
 The label stage runs in rollout workers and holds nothing on the learner. The rollout sampler is
 planned colocated on the learner's mesh (how one accelerator host runs it), so it shares the
 device with every PPO model.
@@ -29,7 +32,7 @@ from trainer.plan import estimate
 from trainer.plan.abstract import AbstractStates
 from trainer.steps import check_accumulation
 
-STAGE_ORDER = ("sl", "rm", "ppo")
+STAGE_ORDER = ("sl", "dpo", "rm", "ppo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +106,61 @@ def rm_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshR
     ]
 
 
+def dpo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
+    from models.llama import Llama
+    from trainer.dpo import DPO_BATCH_KEYS, make_dpo_step, make_sequence_logprob_fn
+    from trainer.state import abstract_train_state
+
+    b, t = config.dpo.batch_size, config.dpo.max_seq_len
+    check_accumulation(rules, b, config.dpo.optimizer.grad_accum_steps, "dpo.batch_size")
+    state = abstract_train_state(lambda rngs: Llama(model, rngs, rules), config.dpo.optimizer, rules, config.run.seed)
+    batch = _batch(rules, {k: ((b,), jnp.float32) if k.endswith("_B") else ((b, t), jnp.int32) for k in DPO_BATCH_KEYS})
+    rows = _batch(rules, {k: ((b, t), jnp.int32) for k in ("t", "a", "m")})
+    ref = states.reference
+    return [
+        Program("dpo_update", "dpo", f"{b} pairs × {t} tokens", make_dpo_step(state, config.dpo, rules), (state, batch),
+                state.params, state.opt_state, (ref,), estimate.train_flops(model, 2 * b, t, lm_head=True)),
+        Program("reference_logprobs", "dpo", f"batch {b} × {t} tokens",
+                make_sequence_logprob_fn(states.llama_graphdef, rules), (ref, rows["t"], rows["a"], rows["m"]), ref,
+                None, (state,), estimate.forward_flops(model, b, t, lm_head=True)),
+    ]
+
+
+def group_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
+    """The RL stage with ppo.algorithm grpo / rloo: no value model; batch_size prompts × group_size rows."""
+    from trainer.grpo import GROUP_BATCH_KEYS, GroupState, make_group_step
+    from trainer.steps import sequence_scores, token_logprobs_and_entropy
+
+    group = config.ppo.group
+    b, t = config.ppo.batch_size * group.group_size, ppo_sequence_length(config)
+    check_accumulation(rules, b, config.ppo.policy_optimizer.grad_accum_steps, "GRPO/RLOO batch (prompts × group_size)")
+    state = GroupState(policy=states.policy)
+    batch = _batch(rules, {k: ((b,), jnp.float32) if k == "scores_B" else
+                           ((b, t), jnp.float32 if "logprobs" in k else jnp.int32) for k in GROUP_BATCH_KEYS})
+    tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
+    ref, pm, policy = states.reference, states.pm_frozen, states.policy
+    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
+    pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
+    shape = f"batch {b} × {t} tokens"
+    step = make_group_step(state, config.ppo.algorithm, group, config.ppo.max_new_tokens, rules)
+    return [
+        Program("group_update", "ppo", f"{shape}, {group.epochs} epoch(s)", step, (state, batch), policy.params,
+                policy.opt_state, (ref, pm), group.epochs * estimate.train_flops(model, b, t, lm_head=True)),
+        Program("reference_logprobs", "ppo", shape, ref_fn, (ref, tokens["t"], tokens["m"]), ref, None,
+                (state, pm), estimate.forward_flops(model, b, t, lm_head=True)),
+        Program("pm_scores", "ppo", shape, pm_fn, (pm, tokens["t"], tokens["m"]), pm, None, (state, ref),
+                estimate.forward_flops(model, b, t, lm_head=False)),
+        _sampler_program(config, model, states, rules, others=(state, ref, pm),
+                         rows=config.rollout.batch_size * group.group_size),
+    ]
+
+
 def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     from trainer import ppo
     from trainer.steps import sequence_scores, token_logprobs_and_entropy
 
+    if config.ppo.grouped:
+        return group_programs(config, model, states, rules)
     b, t = config.ppo.batch_size, ppo_sequence_length(config)
     minibatch = b // config.ppo.update.minibatches
     for key in ("policy_optimizer", "value_optimizer"):
@@ -141,8 +195,10 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     ]
 
 
-def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: MeshRules, others) -> Program:
-    """The rollout sampler's prefill + decode loop for the PPO rollout bucket (models/generation.py)."""
+def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: MeshRules, others,
+                     rows: int | None = None) -> Program:
+    """The rollout sampler's prefill + decode loop for the PPO rollout bucket (models/generation.py); `rows`
+    sequences per task (default rollout.batch_size: one response per prompt)."""
     from models.generation import Buckets, bucket_program
     from models.sampling import SamplingParams
 
@@ -150,7 +206,7 @@ def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: 
     params = SamplingParams(max_new_tokens=config.ppo.max_new_tokens, temperature=config.ppo.temperature,
                             top_k=config.ppo.top_k, top_p=config.ppo.top_p)
     batch_multiple = int(np.prod([rules.mesh.shape[a] for a in rules.rules.activations.get("batch", ())]))
-    b = buckets.batch_size(config.rollout.batch_size, batch_multiple)
+    b = buckets.batch_size(rows or config.rollout.batch_size, batch_multiple)
     p = buckets.prompt_length(config.data.max_prompt_tokens)
     n = buckets.new_token_count(config.ppo.max_new_tokens)
     program = bucket_program(states.llama_graphdef, rules, params.mode(model.vocab_size), n, stop_ids=(0,), pad_id=0)
@@ -163,7 +219,7 @@ def _sampler_program(config, model: ModelConfig, states: AbstractStates, rules: 
                    states.reference, None, others, estimate.sample_flops(model, b, p, n), steps=n)
 
 
-PROGRAMS_BY_STAGE = {"sl": sl_programs, "rm": rm_programs, "ppo": ppo_programs}
+PROGRAMS_BY_STAGE = {"sl": sl_programs, "dpo": dpo_programs, "rm": rm_programs, "ppo": ppo_programs}
 
 
 def run_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules,

@@ -1,11 +1,11 @@
 """Evaluation inside `cairl train` (`eval:` of the run config): the base model before SL, the SL policy
-after SL and the RL policy after PPO, each on eval.suites, generated and scored on the rollout workers
-(trainer/eval/workers.py) with the same suites as `cairl eval`.
+after SL and the RL policy after PPO (or DPO), each on eval.suites, generated and scored on the rollout
+workers (trainer/eval/workers.py) with the same suites as `cairl eval`.
 
 Points (eval.train_models) run when their stage is done: `base` before the first stage, `sl` right
-after SL (before label), `rl` after PPO. Each point's weights come from what the stage saved
-(checkpoints/<stage>-params), so a resumed run evaluates exactly what the stage produced. Per point:
-run_dir/eval/points/<point>.json (per-item values: CIs and paired deltas are formed against it later),
+after SL (before label), `rl` after the RL stage (ppo, or dpo: trainer.config.rl_stage). Each point's
+weights come from what the stage saved (checkpoints/<stage>-params), so a resumed run evaluates exactly
+what the stage produced. Per point: run_dir/eval/points/<point>.json (per-item values: CIs and paired deltas are formed against it later),
 <point>-samples.jsonl, a metrics.jsonl row (stage "eval", step 0/1/2), and stages.json["eval"]. When
 all points are in, run_dir/eval/ holds eval-*.json, eval.md and eval.png: base | SL | RL, deltas vs base.
 """
@@ -23,7 +23,7 @@ from trainer.weights import WeightHandle
 log = logging.getLogger(__name__)
 
 POINT_STEPS = {"base": 0, "sl": 1, "rl": 2}  # metrics.jsonl step of each point's "eval" row
-POINT_STAGES = {"base": None, "sl": "sl", "rl": "ppo"}  # the stage whose end a point follows
+POINT_STAGES = {"base": None, "sl": "sl", "rl": "ppo"}  # the stage whose end a point follows (rl: point_stage)
 POINT_LABELS = {"base": "base", "sl": "SL", "rl": "RL"}
 
 
@@ -31,23 +31,33 @@ def points_dir(run_dir):
     return run_dir / "eval" / "points"
 
 
+def point_stage(config, point: str) -> str | None:
+    """The stage whose end `point` follows: None (base), sl, or the run's RL stage (ppo or dpo)."""
+    from trainer.config import rl_stage
+
+    return rl_stage(config.run.stages) if point == "rl" else POINT_STAGES[point]
+
+
 def point_version(config, point: str) -> int:
     """The weight version a point's policy had in the run: 0 base, 1 after SL, + one per PPO iteration —
-    so workers that already hold the policy (right after its stage) fetch nothing."""
+    so workers that already hold the policy (right after its stage) fetch nothing. DPO publishes nothing
+    while it trains: its policy is the one version after SL's."""
     if point == "base":
         return 0
     after_sl = 1 if "sl" in config.run.stages else 0
-    return after_sl if point == "sl" else after_sl + config.ppo.iterations
+    if point == "sl":
+        return after_sl
+    return after_sl + (1 if point_stage(config, point) == "dpo" else config.ppo.iterations)
 
 
 def due_points(ctx) -> list[str]:
     """Points configured, not yet evaluated, whose stage is done (base: always) — in a run that trains the
-    policy (sl or ppo among run.stages): a run of label or rm alone has no policy to compare."""
-    if not {"sl", "ppo"} & set(ctx.config.run.stages):
+    policy (sl, ppo or dpo among run.stages): a run of label or rm alone has no policy to compare."""
+    if not {"sl", "ppo", "dpo"} & set(ctx.config.run.stages):
         return []
     done = set(ctx.stages.info("eval").get("points", []))
     return [p for p in ctx.config.eval.train_models
-            if p not in done and (POINT_STAGES[p] is None or ctx.stages.done(POINT_STAGES[p]))]
+            if p not in done and (point_stage(ctx.config, p) is None or ctx.stages.done(point_stage(ctx.config, p)))]
 
 
 def _pool_model(ctx, point: str):
@@ -55,7 +65,7 @@ def _pool_model(ctx, point: str):
 
     from trainer.eval.workers import PoolModel
 
-    version, stage = point_version(ctx.config, point), POINT_STAGES[point] or "base"
+    version, stage = point_version(ctx.config, point), point_stage(ctx.config, point) or "base"
 
     def weights() -> WeightHandle:
         return ray.get(ctx.learner.publish_stage.remote(stage, version))

@@ -3,6 +3,10 @@ them with the preference model, computes reference log-probs and values, runs th
 new weights are published (version + 1). Held-out prompts are answered (greedy) and scored by the
 preference model before the first and after the last iteration.
 
+With `ppo.algorithm` grpo or rloo the same loop runs without a value model: each prompt is answered
+ppo.group.group_size times in one `group` task (one record per prompt uid: the ledger completes the
+whole group at once, at one weight version) and the learner is trainer/learners/grpo.py.
+
 Resume: the learner restores the newest PPO checkpoint (policy, value, β, step); rollouts and
 metrics logged past that iteration are dropped and redone. Rollouts: samples/rollouts.jsonl, uids
 'it<k>/<prompt uid>'.
@@ -26,12 +30,20 @@ from trainer.weights import WeightHandle
 
 LOGGED = ("reward_mean", "reward_std", "kl", "beta", "entropy", "clip_fraction", "approx_kl", "value_loss",
           "explained_variance", "response_length", "policy_loss", "score_seconds", "update_seconds", "epochs_run",
-          "skipped", "policy_skipped", "value_skipped", "nonfinite_streak")
+          "skipped", "policy_skipped", "value_skipped", "nonfinite_streak", "kl_ref", "degenerate_groups",
+          "advantage_abs_mean")
 
 
 def iteration_prompts(prompts: list, iteration: int, batch_size: int) -> list:
     """Batch k is prompts k·B … k·B+B−1 of the PPO set, wrapping: the data position is the iteration."""
     return [prompts[(iteration * batch_size + i) % len(prompts)] for i in range(batch_size)]
+
+
+def batch_rollouts(records: dict, uids, grouped: bool) -> list[Rollout]:
+    """The learner's batch, in `uids` order; grouped: each prompt's G responses consecutively (group-major)."""
+    if grouped:
+        return [r for u in uids for r in Rollout.group_from_record(records[u])]
+    return [Rollout.from_record(records[u]) for u in uids]
 
 
 def evaluate(ctx, tag: str, weights: WeightHandle) -> dict:
@@ -71,7 +83,9 @@ def run_ppo(ctx) -> None:
 
     guard = NonFiniteGuard(cfg.run.max_nonfinite_updates)
     prompts = ctx.prompts["ppo"]
-    sampling = RolloutSettings(cfg.ppo.sampling(), cfg.data.max_prompt_tokens)
+    kind = "group" if cfg.ppo.grouped else "rollout"
+    sampling = RolloutSettings(cfg.ppo.sampling(), cfg.data.max_prompt_tokens,
+                               cfg.ppo.group.group_size if cfg.ppo.grouped else 1)
     bar = progress(cfg.ppo.iterations, "ppo", initial=done_iterations)
     try:
         for it in range(done_iterations, cfg.ppo.iterations):
@@ -81,12 +95,12 @@ def run_ppo(ctx) -> None:
             stale_before, fetch_before = ctx.pool.stats.stale_dropped, ctx.pool.stats.sync_seconds
             t0 = time.perf_counter()
             tokens_before = ctx.pool.stats.generated_tokens
-            dispatch_prompts(ctx, "ppo", ledger, by_uid, "rollout", sampling, weights,
+            dispatch_prompts(ctx, "ppo", ledger, by_uid, kind, sampling, weights,
                              make_record=lambda uid, r, it=it: {**r, "iteration": it, "prompt_uid": uid.split("/", 1)[1]},
                              desc=f"ppo rollouts {it + 1}")
             rollout_seconds = time.perf_counter() - t0
             records = {r["uid"]: r for r in read_records(rollouts_path) if r["uid"] in by_uid}
-            rollouts = [Rollout.from_record(records[u]) for u in by_uid]
+            rollouts = batch_rollouts(records, by_uid, cfg.ppo.grouped)
             metrics = ray.get(learner.train_step.remote(rollouts))
             t1 = time.perf_counter()
             version += 1
@@ -118,6 +132,6 @@ def run_ppo(ctx) -> None:
     extras["eval_after"] = evaluate(ctx, "after", weights)
     ray.get(learner.save.remote(cfg.ppo.iterations, extras, True))
     ray.get(learner.finish.remote())  # checkpoints/ppo-params: the RL policy alone
-    ctx.stages.update("ppo", pm_reward_before=extras["eval_before"]["pm_reward_mean"],
+    ctx.stages.update("ppo", algorithm=cfg.ppo.algorithm, pm_reward_before=extras["eval_before"]["pm_reward_mean"],
                       pm_reward_after=extras["eval_after"]["pm_reward_mean"],
                       stale_dropped=ctx.pool.stats.stale_dropped, worker_deaths=ctx.pool.stats.worker_deaths)

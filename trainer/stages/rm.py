@@ -23,26 +23,42 @@ def split_labels(records: list[dict], heldout_fraction: float) -> tuple[list[dic
     return train, heldout
 
 
-def run_rm(ctx) -> None:
+def start_on_labels(ctx, stage: str, heldout_fraction: float, extra_train=lambda: []) -> tuple[int, list, list]:
+    """Set up `stage`'s learner on the AI-labelled pairs (samples/labels.jsonl, split by `split_labels`;
+    `extra_train()` records join training only). A fresh stage is evaluated on the held-out pairs first
+    (metrics `<stage>_eval` step 0, stages.json heldout_accuracy_before). Returns (start step, train, heldout)."""
     import ray
 
-    cfg = ctx.config
     labels = read_records(ctx.run_dir / "samples" / "labels.jsonl")
     if len(labels) < 2:
-        raise UserError(f"the rm stage needs at least 2 labelled pairs, found {len(labels)} in samples/labels.jsonl; "
-                        f"run the label stage first (run.stages), or raise data.label_prompts")
-    train, heldout = split_labels(labels, cfg.rm.heldout_fraction)
-    if cfg.rm.human_pairs:  # human helpfulness pairs join training only: held-out accuracy stays on AI labels
-        from trainer.data.human_pairs import human_pair_records
-
-        train += human_pair_records(cfg.rm.human_pairs, cfg.rm.human_pairs_count)
-    start = ray.get(ctx.learner.setup.remote("rm")).step
+        raise UserError(f"the {stage} stage needs at least 2 labelled pairs, found {len(labels)} in "
+                        f"samples/labels.jsonl; run the label stage first (run.stages), or raise data.label_prompts")
+    train, heldout = split_labels(labels, heldout_fraction)
+    train += extra_train()
+    start = ray.get(ctx.learner.setup.remote(stage)).step
     ray.get(ctx.learner.set_data.remote(PreferenceData(train=tuple(map(PreferencePair.from_record, train)),
                                                        heldout=tuple(map(PreferencePair.from_record, heldout)))))
     if start == 0:
         before = ray.get(ctx.learner.evaluate.remote())
-        ctx.metrics.write("rm_eval", 0, before)
-        ctx.stages.update("rm", heldout_accuracy_before=before["accuracy"])
+        ctx.metrics.write(f"{stage}_eval", 0, before)
+        ctx.stages.update(stage, heldout_accuracy_before=before["accuracy"])
+    return start, train, heldout
+
+
+def _human_pairs(cfg):
+    """Human helpfulness pairs (rm.human_pairs): they join training only, held-out accuracy stays on AI labels."""
+    if not cfg.rm.human_pairs:
+        return []
+    from trainer.data.human_pairs import human_pair_records
+
+    return human_pair_records(cfg.rm.human_pairs, cfg.rm.human_pairs_count)
+
+
+def run_rm(ctx) -> None:
+    import ray
+
+    cfg = ctx.config
+    start, train, heldout = start_on_labels(ctx, "rm", cfg.rm.heldout_fraction, lambda: _human_pairs(cfg))
     learner_loop(ctx, "rm", cfg.rm.steps, start, cfg.checkpoint.every_steps)
     after = ray.get(ctx.learner.evaluate.remote())
     ctx.metrics.write("rm_eval", cfg.rm.steps, after)
