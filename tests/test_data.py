@@ -90,11 +90,19 @@ def test_bad_prompt_file_fails_before_tfds_runs(tmp_path):
 def test_shipped_default_sets(tmp_path):
     sets = {name: load_prompt_set(f"default:{name}", tmp_path) for name in DEFAULT_SETS}
     assert {name: len(p) for name, p in sets.items()} == {
-        "red_team_train": 48, "red_team_heldout": 12, "helpful_train": 48, "helpful_heldout": 12
+        "red_team_train": 48, "red_team_heldout": 12, "helpful_train": 48, "helpful_heldout": 12,
+        "benign_risky_train": 64,
     }
     uids = [p.uid for prompts in sets.values() for p in prompts]
     texts = [p.text for prompts in sets.values() for p in prompts]
     assert len(set(uids)) == len(uids) == len(set(texts))
+    # Training prompts never appear among the evaluation suites' prompts.
+    from trainer.data.records import read_prompt_file
+    from trainer.eval.data import SHIPPED_PROMPTS
+
+    evaluated = {p.text.lower() for path in SHIPPED_PROMPTS.values() for p in read_prompt_file(path)}
+    assert not evaluated & {p.text.lower() for name in ("red_team_train", "helpful_train", "benign_risky_train")
+                            for p in sets[name]}
     assert sets["red_team_train"] == load_prompt_set("default:red_team_train", tmp_path)
     with pytest.raises(PromptFileError, match="no shipped set 'nope'"):
         load_prompt_set("default:nope", tmp_path)
