@@ -119,6 +119,13 @@ def test_learner_hosts_the_cluster_cannot_give_fail_within_the_join_timeout(tiny
     assert list((tmp_path / "tiny" / "checkpoints").iterdir()) == []
 
 
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
 def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model, single_dir, tmp_path):
     import signal
     import time
@@ -137,7 +144,8 @@ def test_a_learner_killed_mid_ppo_stops_the_run_and_resume_ends_equal(tiny_model
         while not [r for r in read_records(run_dir / "metrics.jsonl") if r.get("stage") == "ppo"]:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.2)
-        learners = sorted(set(_learner_pids()) - before)
+        # This run's learners only: other runs on the machine have learners too (same session as the driver).
+        learners = sorted(p for p in set(_learner_pids()) - before if _session(p) == proc.pid)
         assert len(learners) == 2
         os.kill(learners[-1], signal.SIGKILL)  # one host's learner, as the kernel's OOM killer would
         assert proc.wait(timeout=180) == 2, (tmp_path / "driver.log").read_text()[-4000:]
