@@ -68,13 +68,17 @@ class Member:
     def __init__(self, index: int, marks: str):
         self.index, self.marks = index, marks
 
-    def collective(self, die: bool) -> int:
+    def collective(self, die: bool, transport_fails: bool = False) -> int:
         open(os.path.join(self.marks, f"called-{self.index}"), "w").close()
         if die and self.index == 1:
+            time.sleep(0.5 if transport_fails else 0)
             os._exit(1)  # the process dies, as a killed host would
         deadline = time.time() + 120
         while time.time() < deadline and len(os.listdir(self.marks)) < 2:
             time.sleep(0.05)
+        if die and transport_fails:  # a collective over TCP fails as soon as the peer's socket closes
+            time.sleep(1.0)
+            raise RuntimeError("Gloo AllGather failed: Connection closed by peer [127.0.0.1]:426")
         time.sleep(0.2 if not die else 120)  # with a dead peer, learner 0 would wait for it forever
         return self.index
 
@@ -124,5 +128,25 @@ def test_a_dead_learner_stops_the_group_and_is_named(ray_cluster, tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["called-0", "called-1"]  # both ran: learner 1 died in the call
         explained = watch.explain_failure(err.value)
         assert isinstance(explained, LearnerError) and "learner 1 of 2 failed in its collective call" in str(explained)
+    finally:
+        watch.stop_watching()
+
+
+@pytest.mark.ray
+def test_a_collective_broken_by_a_dead_learner_is_explained_by_the_death(ray_cluster, tmp_path):
+    """Learner 0's own error (a transport error in a collective) arrives before the watcher sees the peer
+    die: the run must still be stopped with the peer's death named, not the transport error's traceback."""
+    from trainer.health import LearnerError, LearnerWatch
+
+    actors = [ray_cluster.remote(Member).options(num_cpus=0.1, max_restarts=0).remote(i, str(tmp_path))
+              for i in range(2)]
+    watch = LearnerWatch(actors, timeout_s=600, poll_s=60)  # the watcher thread sees nothing in time
+    try:
+        with pytest.raises(ray_cluster.exceptions.RayTaskError) as err:
+            ray_cluster.get(watch.collective.remote(True, True), timeout=60)
+        assert watch.peer_failed is None
+        explained = watch.explain_failure(err.value)
+        assert isinstance(explained, LearnerError), explained
+        assert "learner 1 of 2 failed in its collective call (ActorDiedError" in str(explained)
     finally:
         watch.stop_watching()

@@ -106,6 +106,28 @@ class LearnerWatch:
                           late[0][0], late[0][1], self.timeout_s)
                 self._kill_all()
 
+    def _await_peer_failure(self, wait_s: float) -> None:
+        """Record the failure of another learner's call, if one fails within `wait_s`.
+
+        When a peer process dies, learner 0's collective (a checkpoint's barrier, an all-gather) fails at
+        once with a transport error, often before the watcher thread has seen the peer's call fail. That
+        transport error says nothing useful; the peer's death does, so it is looked for here directly."""
+        import ray
+
+        with self._lock:
+            pending = {ref: (method, index) for ref, (method, _, index, _) in self._calls.items() if index}
+        deadline = time.monotonic() + wait_s
+        while pending and self.peer_failed is None and (left := deadline - time.monotonic()) > 0:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            for ref in done:
+                method, index = pending.pop(ref)
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception as cause:  # noqa: BLE001 - which failure it was is what gets reported
+                    with self._lock:
+                        if self.peer_failed is None:
+                            self.peer_failed = (index, method, cause)
+
     def stop_watching(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
@@ -122,7 +144,9 @@ class LearnerWatch:
                 f"compile for minutes), then resume with cairl train --resume RUN_DIR")
         if isinstance(err, rex.RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
             return err.cause  # the learner found a user problem (e.g. diverged training): its own message
-        if self.peer_failed is not None and isinstance(err, rex.RayActorError):
+        if len(self.handles) > 1 and isinstance(err, (rex.RayActorError, rex.RayTaskError)):
+            self._await_peer_failure(self.GRACE_S)
+        if self.peer_failed is not None and isinstance(err, (rex.RayActorError, rex.RayTaskError)):
             index, method, cause = self.peer_failed
             if isinstance(cause, rex.RayTaskError) and isinstance(getattr(cause, "cause", None), UserError):
                 return cause.cause
