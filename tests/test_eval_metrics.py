@@ -4,6 +4,7 @@ with a fake scorer (the scorer is the process boundary; tests/test_eval_cli.py r
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -244,6 +245,19 @@ def test_llama_guard_prompt_and_tokenizer_check():
     good = _Vocab({t: i for i, t in enumerate(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "safe", "unsafe"])})
     assert detect_format("auto", "meta-llama/Llama-Guard-3-1B", good) == "llama_guard"
     assert detect_format("auto", "smollm2-135m-instruct", good) == "choice"
+
+
+def test_evaluation_scores_with_the_label_settings_without_chain_of_thought():
+    from trainer.config import LabelSection
+    from trainer.eval.local import feedback_config_of
+
+    label = LabelSection(chain_of_thought=True, few_shot=2, principles_per_pair=3, debias_order=False, cot_tokens=7,
+                         cot_clamp=(0.3, 0.7), max_new_tokens=11, temperature=0.5, top_p=0.9)
+    scoring = feedback_config_of(label)
+    assert scoring.chain_of_thought is False
+    for field in dataclasses.fields(FeedbackConfig):
+        if field.name != "chain_of_thought":
+            assert getattr(scoring, field.name) == getattr(label, field.name), field.name
 
 
 # -- CAI evals, human pairs -----------------------------------------------------------------------

@@ -24,10 +24,10 @@ GENERATION_BATCH = 16  # prompts per sampler call: bounds memory and the number 
 
 
 def feedback_config_of(label: FeedbackConfig) -> FeedbackConfig:
-    """The label stage's scoring settings from a run's `label:` section (a FeedbackConfig), without
-    chain-of-thought: evaluation scores the options directly."""
-    settings = {field.name: getattr(label, field.name) for field in dataclasses.fields(FeedbackConfig)}
-    return FeedbackConfig(**{**settings, "chain_of_thought": False})
+    """The label stage's scoring settings from a run's `label:` section (a FeedbackConfig, or the run
+    config's LabelSection, whose type the copy keeps), without chain-of-thought: evaluation scores the
+    options directly."""
+    return dataclasses.replace(label, chain_of_thought=False)
 
 
 def policy_under_test(policy, source: str, max_new_tokens: int) -> ModelUnderTest:
