@@ -123,3 +123,28 @@ def test_helpful_answers_become_their_own_sft_targets():
     [example] = sft_data([record])
     assert list(example.messages) == [{"role": "user", "content": "How do I bake bread?"}]
     assert example.response == "Mix flour and water."
+
+
+def test_evaluation_in_train_judges_on_the_workers_with_the_base_model():
+    """`cairl train`'s judge is the shared judge builder (trainer.eval.judge.build_judge) on a PoolScorer: judge
+    tasks ride with the evaluated point's pool model; the base model judges, so the point judges itself."""
+    from types import SimpleNamespace
+
+    from trainer.config import load_run_config
+    from trainer.constitution import load_constitution
+    from trainer.eval.judge import ChoiceJudge
+    from trainer.eval.results import JudgeInfo
+    from trainer.eval.workers import PoolScorer
+    from trainer.stages.evaluate import _judge
+
+    config = load_run_config(None, ["label.chain_of_thought=true"])
+    tokenizer = SimpleNamespace(chat_template=None)
+    ctx = SimpleNamespace(config=config, tokenizer=tokenizer, constitution=load_constitution("default"))
+    models = {"base": "base pool model", "sl": "SL pool model"}
+    judge, info = _judge(ctx, models, "sl")
+    assert isinstance(judge, ChoiceJudge) and isinstance(judge.scorer, PoolScorer)
+    assert (judge.scorer.model, judge.scorer.target, judge.scorer.tokenizer) == ("SL pool model", "judge", tokenizer)
+    assert judge.feedback.chain_of_thought is False  # evaluation scores the options directly
+    assert info == JudgeInfo(config.model.source, "choice", self_judged=True)
+    unjudged = SimpleNamespace(**{**vars(ctx), "config": load_run_config(None, ["eval.suites=[overrefusal]"])})
+    assert _judge(unjudged, models, "sl") == (None, None)

@@ -75,9 +75,8 @@ def _pool_model(ctx, point: str):
 
 def _judge(ctx, models: dict, point: str):
     """(Judge, JudgeInfo) on the workers' judge model, or (None, None) when no chosen suite asks one."""
-    from trainer.eval.judge import ChoiceJudge, LlamaGuardJudge, detect_format
+    from trainer.eval.judge import build_judge
     from trainer.eval.local import feedback_config_of
-    from trainer.eval.results import JudgeInfo
     from trainer.eval.runner import JUDGED_SUITES
     from trainer.eval.workers import PoolScorer
     from trainer.preflight import check_model_source
@@ -87,14 +86,10 @@ def _judge(ctx, models: dict, point: str):
         return None, None
     source = cfg.eval.judge or cfg.model.source
     tokenizer = ctx.tokenizer if source == cfg.model.source else check_model_source(source, "eval.judge")
-    judge_format = detect_format(cfg.eval.judge_format, source, tokenizer)
     # Judge tasks go with the evaluated point's version, so the workers need not switch weights for them.
     scorer = PoolScorer(models[point], "judge", tokenizer)
-    if judge_format == "llama_guard":
-        judge = LlamaGuardJudge(scorer, tokenizer, source)
-    else:
-        judge = ChoiceJudge(scorer, ctx.constitution, feedback_config_of(cfg.label))
-    return judge, JudgeInfo(source=source, format=judge_format, self_judged=source == cfg.model.source)
+    return build_judge(scorer, tokenizer, source, cfg.eval.judge_format, ctx.constitution,
+                       feedback_config_of(cfg.label), self_judged=source == cfg.model.source)
 
 
 def evaluate_point(ctx, point: str) -> None:
