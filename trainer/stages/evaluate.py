@@ -38,16 +38,22 @@ def point_stage(config, point: str) -> str | None:
     return rl_stage(config.run.stages) if point == "rl" else POINT_STAGES[point]
 
 
-def point_version(config, point: str) -> int:
-    """The weight version a point's policy had in the run: 0 base, 1 after SL, + one per PPO iteration —
-    so workers that already hold the policy (right after its stage) fetch nothing. DPO publishes nothing
-    while it trains: its policy is the one version after SL's."""
+def point_version(config, stages, point: str) -> int:
+    """The weight version a point's policy had in the run, so that workers that already hold the policy
+    (right after its stage) fetch nothing: 0 base, 1 after SL, and for `rl` the final version its stage
+    recorded in `stages` (a StageRecord; ppo: one version per iteration, dpo: the one after SL's)."""
     if point == "base":
         return 0
     after_sl = 1 if "sl" in config.run.stages else 0
     if point == "sl":
         return after_sl
-    return after_sl + (1 if point_stage(config, point) == "dpo" else config.ppo.iterations)
+    stage = point_stage(config, point)
+    recorded = stages.info(stage).get("final_version")
+    if recorded is not None:
+        return int(recorded)
+    # A run dir from before stages recorded final_version: derived from the config, which is right unless
+    # ppo.iterations changed after the stage finished.
+    return after_sl + (1 if stage == "dpo" else config.ppo.iterations)
 
 
 def due_points(ctx) -> list[str]:
@@ -65,7 +71,7 @@ def _pool_model(ctx, point: str):
 
     from trainer.eval.workers import PoolModel
 
-    version, stage = point_version(ctx.config, point), point_stage(ctx.config, point) or "base"
+    version, stage = point_version(ctx.config, ctx.stages, point), point_stage(ctx.config, point) or "base"
 
     def weights() -> WeightHandle:
         return ray.get(ctx.learner.publish_stage.remote(stage, version))
