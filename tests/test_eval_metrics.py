@@ -4,6 +4,7 @@ with a fake scorer (the scorer is the process boundary; tests/test_eval_cli.py r
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -18,7 +19,8 @@ from trainer.data.load import load_bbq
 from trainer.data.records import PromptFileError
 from trainer.eval import bbq as bbq_math
 from trainer.eval.data import ChoiceItem, evenly_spaced
-from trainer.eval.judge import ChoiceJudge, JudgeError, LlamaGuardJudge, detect_format, llama_guard_task
+from trainer.eval.judge import (ChoiceJudge, JudgeError, LlamaGuardJudge, build_judge, detect_format,
+                                llama_guard_task)
 from trainer.eval.refusal import classify_reply
 from trainer.eval.report import eval_json, markdown_report
 from trainer.eval.results import EvalResult, JudgeInfo, MetricSample, summarize_metric
@@ -231,6 +233,9 @@ class _Vocab:
     def token_to_id(self, token):
         return self.tokens.get(token)
 
+    def id_to_token(self, token_id):
+        return {i: t for t, i in self.tokens.items()}.get(token_id, "<s>")
+
     def encode(self, text):
         return [self.tokens[text]] if text in self.tokens else list(text.encode())
 
@@ -244,6 +249,37 @@ def test_llama_guard_prompt_and_tokenizer_check():
     good = _Vocab({t: i for i, t in enumerate(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "safe", "unsafe"])})
     assert detect_format("auto", "meta-llama/Llama-Guard-3-1B", good) == "llama_guard"
     assert detect_format("auto", "smollm2-135m-instruct", good) == "choice"
+
+
+def test_build_judge_detects_the_format_and_scores_through_the_scorer_given():
+    """The one judge builder of `cairl eval` (a loaded model's scorer) and of evaluation in `cairl train` (the
+    workers' PoolScorer): the judge scores through exactly the scorer it is given."""
+    constitution = Constitution("t", "1", (Principle("p1", comparison="Which is better?"),))
+    feedback = FeedbackConfig(few_shot=0)
+    vocab = _Vocab({t: i for i, t in enumerate(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "safe", "unsafe"])})
+    scorer = LetterScorer(0.0)
+    guard = "meta-llama/Llama-Guard-3-1B"
+    judge, info = build_judge(scorer, vocab, guard, "auto", constitution, feedback, self_judged=False)
+    assert isinstance(judge, LlamaGuardJudge) and judge.scorer is scorer
+    assert info == JudgeInfo(guard, "llama_guard", self_judged=False)
+    judge, info = build_judge(scorer, vocab, guard, "choice", constitution, feedback, self_judged=True)
+    assert isinstance(judge, ChoiceJudge) and judge.scorer is scorer and judge.feedback is feedback
+    assert info == JudgeInfo(guard, "choice", self_judged=True)
+    with pytest.raises(JudgeError, match="judge format 'guard'"):
+        build_judge(scorer, vocab, guard, "guard", constitution, feedback, self_judged=False)
+
+
+def test_evaluation_scores_with_the_label_settings_without_chain_of_thought():
+    from trainer.config import LabelSection
+    from trainer.eval.local import feedback_config_of
+
+    label = LabelSection(chain_of_thought=True, few_shot=2, principles_per_pair=3, debias_order=False, cot_tokens=7,
+                         cot_clamp=(0.3, 0.7), max_new_tokens=11, temperature=0.5, top_p=0.9)
+    scoring = feedback_config_of(label)
+    assert scoring.chain_of_thought is False
+    for field in dataclasses.fields(FeedbackConfig):
+        if field.name != "chain_of_thought":
+            assert getattr(scoring, field.name) == getattr(label, field.name), field.name
 
 
 # -- CAI evals, human pairs -----------------------------------------------------------------------

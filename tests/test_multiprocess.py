@@ -1,9 +1,10 @@
-"""Two JAX processes × 4 fake CPU devices run the sharded PPO step and match one process × 8 devices.
+"""Two JAX processes × 4 fake CPU devices run the sharded PPO step and the DPO reference log-probs and
+match one process × 8 devices.
 
 The same file is the worker: `python tests/test_multiprocess.py WORKER_ID PORT OUT_DIR` joins a
 2-process group on 127.0.0.1 (gloo collectives), builds the (data 2, fsdp 2, tensor 2) mesh over
 all 8 devices, loads only its own rows of the batch, runs one PPO step and writes the gathered
-parameters and metrics (process 0).
+parameters and metrics (process 0), then the DPO reference's log-probs gathered to every process.
 """
 
 import os
@@ -50,6 +51,25 @@ def run_ppo_step() -> dict:
     return {**flat, **{f"metric_{k}": np.asarray(v) for k, v in metrics.items()}}
 
 
+def run_dpo_reference() -> np.ndarray:
+    """The DPO learner's reference log-probs (trainer.dpo.reference_logprobs) of 12 rows in batches of 8 split over
+    the batch shards: the last batch wraps around, and the result must come back whole on every process."""
+    from models.config import preset
+    from models.llama import Llama
+    from trainer.dpo import make_sequence_logprob_fn, reference_logprobs
+    from trainer.mesh import MeshConfig, build_mesh_rules
+    from trainer.optim import OptimizerConfig
+    from trainer.state import create_train_state
+
+    mesh_rules = build_mesh_rules(MeshConfig(*MESH))
+    state = create_train_state(lambda r: Llama(preset("tiny"), r, mesh_rules), OptimizerConfig(), mesh_rules, 0)
+    batch = ppo_batch(seed=1)
+    tokens, attention = batch["tokens_BxT"][:12], batch["attention_mask_BxT"][:12].astype(np.int32)
+    loss_mask = batch["response_mask_BxT"][:12].astype(np.int32)
+    return reference_logprobs(make_sequence_logprob_fn(state.graphdef, mesh_rules), state.params, tokens, attention,
+                              loss_mask, 8, mesh_rules)
+
+
 def _worker(process_id: int, port: int, out_dir: str) -> None:
     import jax
 
@@ -63,6 +83,7 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
     result = run_ppo_step()
     if jax.process_index() == 0:
         np.savez(Path(out_dir) / "result.npz", **result)
+    np.save(Path(out_dir) / f"dpo_reference{process_id}.npy", run_dpo_reference())
     jax.distributed.shutdown()
 
 
@@ -110,6 +131,10 @@ def test_two_processes_match_one_process_eight_devices(eight_devices, tmp_path):
     assert got.keys() == reference.keys()
     for key, want in reference.items():
         np.testing.assert_allclose(got[key], want, atol=1e-5, rtol=0, err_msg=key)
+    want = run_dpo_reference()
+    for process_id in range(2):
+        got = np.load(tmp_path / f"dpo_reference{process_id}.npy")
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"process {process_id}")
 
 
 if __name__ == "__main__":

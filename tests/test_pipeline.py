@@ -96,6 +96,7 @@ def check_evaluation(run_dir: Path, metrics: list[dict]):
     assert report.index("## Evaluation: base → SL → RL") < report.index("## Stages")
     assert "| suite | metric | n | base | SL | RL |" in report
     final_version = max(m["ppo/version"] for m in metrics if m["stage"] == "ppo")
+    assert json.loads((run_dir / "stages.json").read_text())["ppo"]["final_version"] == final_version  # what rl asks
     ledgers = run_dir / "eval" / "ledgers"
     for point, version in (("base", 0), ("sl", 1), ("rl", final_version)):
         assert {r["version"] for r in read_records(ledgers / f"{point}-replies.jsonl")} == {version}, point
@@ -197,6 +198,7 @@ def test_dpo_route_without_a_preference_model(tiny_model, tmp_path):
     assert set(stages) == {"sl", "label", "dpo", "eval"} and all(stages[s]["done"] for s in ("sl", "label", "dpo"))
     assert stages["dpo"]["heldout_accuracy_before"] == 0.5  # the policy starts as its reference: every pair a tie
     assert stages["dpo"]["train_pairs"] + stages["dpo"]["heldout_pairs"] == 6
+    assert stages["dpo"]["final_version"] == 2  # the version after SL's: what the rl point asks for
     assert not (run_dir / "checkpoints" / "rm").exists() and not (run_dir / "checkpoints" / "ppo").exists()
     assert [p.name for p in (run_dir / "checkpoints" / "dpo-params").iterdir()] == ["2"]
     metrics = read_records(run_dir / "metrics.jsonl")

@@ -123,3 +123,46 @@ def test_helpful_answers_become_their_own_sft_targets():
     [example] = sft_data([record])
     assert list(example.messages) == [{"role": "user", "content": "How do I bake bread?"}]
     assert example.response == "Mix flour and water."
+
+
+def test_the_rl_point_asks_for_the_version_its_stage_recorded(tmp_path):
+    """The RL policy is evaluated at the weight version its stage ended with, as stages.json records it, even when
+    the config's ppo.iterations changed after PPO finished; a run dir from before the record derives it."""
+    from trainer.config import load_run_config
+    from trainer.pipeline_state import StageRecord
+    from trainer.stages.evaluate import point_version
+
+    config = load_run_config(None, ["ppo.iterations=5"])
+    stages = StageRecord(tmp_path)
+    stages.update("ppo", done=True)
+    assert [point_version(config, stages, p) for p in ("base", "sl", "rl")] == [0, 1, 6]  # no record: 1 + 5
+    stages.update("ppo", final_version=4)  # PPO ran 3 iterations; the config was edited to 5 later
+    assert [point_version(config, stages, p) for p in ("base", "sl", "rl")] == [0, 1, 4]
+    dpo = load_run_config(None, ["run.stages=[sl,label,dpo]"])
+    stages.update("dpo", done=True, final_version=2)
+    assert point_version(dpo, stages, "rl") == 2
+
+
+def test_evaluation_in_train_judges_on_the_workers_with_the_base_model():
+    """`cairl train`'s judge is the shared judge builder (trainer.eval.judge.build_judge) on a PoolScorer: judge
+    tasks ride with the evaluated point's pool model; the base model judges, so the point judges itself."""
+    from types import SimpleNamespace
+
+    from trainer.config import load_run_config
+    from trainer.constitution import load_constitution
+    from trainer.eval.judge import ChoiceJudge
+    from trainer.eval.results import JudgeInfo
+    from trainer.eval.workers import PoolScorer
+    from trainer.stages.evaluate import _judge
+
+    config = load_run_config(None, ["label.chain_of_thought=true"])
+    tokenizer = SimpleNamespace(chat_template=None)
+    ctx = SimpleNamespace(config=config, tokenizer=tokenizer, constitution=load_constitution("default"))
+    models = {"base": "base pool model", "sl": "SL pool model"}
+    judge, info = _judge(ctx, models, "sl")
+    assert isinstance(judge, ChoiceJudge) and isinstance(judge.scorer, PoolScorer)
+    assert (judge.scorer.model, judge.scorer.target, judge.scorer.tokenizer) == ("SL pool model", "judge", tokenizer)
+    assert judge.feedback.chain_of_thought is False  # evaluation scores the options directly
+    assert info == JudgeInfo(config.model.source, "choice", self_judged=True)
+    unjudged = SimpleNamespace(**{**vars(ctx), "config": load_run_config(None, ["eval.suites=[overrefusal]"])})
+    assert _judge(unjudged, models, "sl") == (None, None)

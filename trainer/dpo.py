@@ -18,10 +18,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.errors import UserError
 from models.sharding import MeshRules
 from trainer import losses
+from trainer.distributed import gather_to_host, put_batch
 from trainer.state import TrainState, apply_update, state_shardings
 from trainer.steps import (Batch, _finish, accumulate_gradients, batch_sharding, check_accumulation, compile_step,
                            constrain_batch, replicated, token_logprobs_and_entropy)
@@ -157,3 +159,20 @@ def make_sequence_logprob_fn(graphdef, mesh_rules: MeshRules):
     rows = batch_sharding(mesh_rules)
     return jax.jit(lambda params, t, a, m: sequence_logprobs(nnx.merge(graphdef, params), t, a, m),
                    in_shardings=(None, rows, rows, rows), out_shardings=rows)
+
+
+def reference_logprobs(logprob_fn, params, tokens_NxT: np.ndarray, attention_NxT: np.ndarray,
+                       loss_mask_NxT: np.ndarray, batch_size: int, mesh_rules: MeshRules) -> np.ndarray:
+    """[N] sequence log-probs of every row by `logprob_fn` (`make_sequence_logprob_fn`), on every process.
+    Rows go in batches of `batch_size` (one compiled shape; the last batch filled by wrapping around); each
+    batch is split over the processes like a training batch (`put_batch`) and gathered back whole
+    (`gather_to_host`), since with several processes each holds only its own shards of the result."""
+    n = len(tokens_NxT)
+    out = np.zeros((n,), np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, start + batch_size) % n
+        batch = put_batch({"tokens": tokens_NxT[rows], "attention": attention_NxT[rows],
+                           "loss_mask": loss_mask_NxT[rows]}, mesh_rules)
+        values = gather_to_host(logprob_fn(params, batch["tokens"], batch["attention"], batch["loss_mask"]))
+        out[start:start + batch_size] = np.asarray(values)[: n - start]
+    return out

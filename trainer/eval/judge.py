@@ -14,7 +14,7 @@ Two formats:
         p(harmful) = p("unsafe") / (p("safe") + p("unsafe"))   over that first token.
     It scores safety only: the helpful suite needs a `choice` judge.
 
-    judge = ChoiceJudge(scorer, constitution, feedback_config)
+    judge = ChoiceJudge(scorer, constitution, feedback_config)   # or build_judge(...): the format detected
     p_harm = judge.harmful_probability(prompts, replies)          # [n] in [0, 1]
     labels = judge.preference_labels(prompts, replies_a, replies_b)  # LabelRecords: p_a = p(a better)
 """
@@ -28,6 +28,7 @@ import numpy as np
 
 from models.errors import UserError
 from trainer.constitution import Constitution
+from trainer.eval.results import JudgeInfo
 from trainer.feedback import FeedbackConfig, LabelRecord, OptionScorer, ResponsePair, label_pairs, option_probabilities
 from trainer.prompts import ANSWER_PREFIX, answer_instruction, message, options, prompt_messages, transcript
 
@@ -177,3 +178,16 @@ def detect_format(requested: str, source: str, tokenizer) -> JudgeFormat:
     if "guard" in source.lower() or "unsafe content categories" in template:
         return "llama_guard"
     return "choice"
+
+
+def build_judge(scorer: OptionScorer, tokenizer, source: str, requested_format: str, constitution: Constitution,
+                feedback: FeedbackConfig, self_judged: bool) -> tuple[Judge, JudgeInfo]:
+    """(Judge, JudgeInfo) of the judge model `source` (its `tokenizer`) scoring through `scorer`: a loaded
+    model's `LlamaOptionScorer` (`cairl eval`) or the rollout workers' `PoolScorer` (inside `cairl train`).
+    The format is `requested_format`, or detected from the model when 'auto'."""
+    judge_format = detect_format(requested_format, source, tokenizer)
+    if judge_format == "llama_guard":
+        judge: Judge = LlamaGuardJudge(scorer, tokenizer, source)
+    else:
+        judge = ChoiceJudge(scorer, constitution, feedback)
+    return judge, JudgeInfo(source=source, format=judge_format, self_judged=self_judged)

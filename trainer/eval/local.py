@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 
 from trainer.eval.config import EvalConfig
-from trainer.eval.judge import ChoiceJudge, JudgeError, LlamaGuardJudge, detect_format
-from trainer.eval.results import EvalResult, JudgeInfo
+from trainer.eval.judge import JudgeError, build_judge
+from trainer.eval.results import EvalResult
 from trainer.eval.sources import underlying_source
 from trainer.eval.suites import ModelUnderTest, SuiteContext, memoized
 from trainer.feedback import FeedbackConfig, LlamaOptionScorer
@@ -24,10 +24,10 @@ GENERATION_BATCH = 16  # prompts per sampler call: bounds memory and the number 
 
 
 def feedback_config_of(label: FeedbackConfig) -> FeedbackConfig:
-    """The label stage's scoring settings from a run's `label:` section (a FeedbackConfig), without
-    chain-of-thought: evaluation scores the options directly."""
-    settings = {field.name: getattr(label, field.name) for field in dataclasses.fields(FeedbackConfig)}
-    return FeedbackConfig(**{**settings, "chain_of_thought": False})
+    """The label stage's scoring settings from a run's `label:` section (a FeedbackConfig, or the run
+    config's LabelSection, whose type the copy keeps), without chain-of-thought: evaluation scores the
+    options directly."""
+    return dataclasses.replace(label, chain_of_thought=False)
 
 
 def policy_under_test(policy, source: str, max_new_tokens: int) -> ModelUnderTest:
@@ -40,19 +40,6 @@ def policy_under_test(policy, source: str, max_new_tokens: int) -> ModelUnderTes
         return replies
 
     return ModelUnderTest(source=source, generate=memoized(generate), scorer=LlamaOptionScorer(policy.model, policy.tokenizer))
-
-
-def build_judge(policy, source: str, requested_format: str, constitution, feedback: FeedbackConfig,
-                evaluated: Sequence[str]):
-    """(Judge, JudgeInfo) for a loaded judge policy; `evaluated` names the models it will judge
-    (as `underlying_source` names them, so that a run's base stage is recognised as its base model)."""
-    judge_format = detect_format(requested_format, source, policy.tokenizer)
-    scorer = LlamaOptionScorer(policy.model, policy.tokenizer)
-    if judge_format == "llama_guard":
-        judge = LlamaGuardJudge(scorer, policy.tokenizer, source)
-    else:
-        judge = ChoiceJudge(scorer, constitution, feedback)
-    return judge, JudgeInfo(source=source, format=judge_format, self_judged=underlying_source(source) in evaluated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +94,12 @@ def evaluate_in_process(request: EvalRequest) -> tuple[list[EvalResult], EvalRes
     judge = judge_info = None
     if any(s in JUDGED_SUITES for s in config.suites):
         judge_source = config.judge or run_base or request.baseline or request.model
+        # as `underlying_source` names them, so that a run's base stage is recognised as its base model
         evaluated = [underlying_source(s) for s in (request.model, *request.also, request.baseline) if s]
-        judge, judge_info = build_judge(policy(judge_source), judge_source, config.judge_format, constitution, feedback,
-                                        evaluated)
+        judge_policy = policy(judge_source)
+        judge, judge_info = build_judge(LlamaOptionScorer(judge_policy.model, judge_policy.tokenizer),
+                                        judge_policy.tokenizer, judge_source, config.judge_format, constitution,
+                                        feedback, self_judged=underlying_source(judge_source) in evaluated)
         if judge_info.format == "llama_guard" and "helpful" in config.suites and baseline is not None:
             raise JudgeError(f"judge {judge_source} uses the llama_guard format, which scores safety only; the helpful "
                              f"suite's win rate needs a multiple-choice judge: run it with --judge-format choice")

@@ -8,7 +8,6 @@ same SL weights (checkpoints/sl-params), so they are the same numbers.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -39,6 +38,7 @@ class DPOLearner(PairLearner):
     def _pair_arrays(self, pairs: tuple[PreferencePair, ...]) -> dict[str, np.ndarray]:
         """Chat-rendered prompt + each response + end of turn, right-padded to dpo.max_seq_len; the loss mask
         covers the response and its end of turn; the reference's sequence log-prob of each side."""
+        from trainer.dpo import reference_logprobs
         from trainer.prompts import prompt_messages
 
         tokenizer, length = self.ctx.tokenizer, self.config.dpo.max_seq_len
@@ -54,18 +54,9 @@ class DPOLearner(PairLearner):
             loss_mask, _ = pad_rows(loss_rows, length, 0)
             arrays.update({f"{side}_tokens_BxT": tokens, f"{side}_mask_BxT": attention,
                            f"{side}_loss_mask_BxT": loss_mask})
-            arrays[f"ref_{side}_B"] = self._reference_logprobs(tokens, attention, loss_mask)
+            arrays[f"ref_{side}_B"] = reference_logprobs(self._reference_fn, self.ctx.policy_params(), tokens, attention,
+                                                         loss_mask, self.batch_size, self.ctx.rules)
         return arrays
-
-    def _reference_logprobs(self, tokens, attention, loss_mask) -> np.ndarray:
-        """The reference's sequence log-probs, in batches of the training batch size (one compiled shape)."""
-        reference, n = self.ctx.policy_params(), len(tokens)
-        out = np.zeros((n,), np.float32)
-        for start in range(0, n, self.batch_size):
-            rows = np.arange(start, start + self.batch_size) % n
-            values = jax.device_get(self._reference_fn(reference, tokens[rows], attention[rows], loss_mask[rows]))
-            out[start:start + self.batch_size] = np.asarray(values)[: n - start]
-        return out
 
     def policy_params(self) -> nnx.State:
         return self.state.params

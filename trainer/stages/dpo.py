@@ -18,6 +18,9 @@ def run_dpo(ctx) -> None:
     learner_loop(ctx, "dpo", cfg.dpo.steps, start, cfg.checkpoint.every_steps)
     after = ray.get(ctx.learner.evaluate.remote())
     ctx.metrics.write("dpo_eval", cfg.dpo.steps, after)
+    # DPO publishes nothing while it trains: its policy takes the version after the one it started from
+    # (SL's 1, else the initial 0), which its evaluation asks for (trainer.stages.evaluate).
     ctx.stages.update("dpo", heldout_accuracy=after["accuracy"], heldout_margin=after["margin"],
-                      heldout_loss=after["loss"], train_pairs=len(train), heldout_pairs=len(heldout))
+                      heldout_loss=after["loss"], train_pairs=len(train), heldout_pairs=len(heldout),
+                      final_version=(1 if ctx.stages.done("sl") else 0) + 1)
     ray.get(ctx.learner.finish.remote())  # checkpoints/dpo-params; the policy stays on the learner's devices

@@ -38,16 +38,22 @@ def point_stage(config, point: str) -> str | None:
     return rl_stage(config.run.stages) if point == "rl" else POINT_STAGES[point]
 
 
-def point_version(config, point: str) -> int:
-    """The weight version a point's policy had in the run: 0 base, 1 after SL, + one per PPO iteration —
-    so workers that already hold the policy (right after its stage) fetch nothing. DPO publishes nothing
-    while it trains: its policy is the one version after SL's."""
+def point_version(config, stages, point: str) -> int:
+    """The weight version a point's policy had in the run, so that workers that already hold the policy
+    (right after its stage) fetch nothing: 0 base, 1 after SL, and for `rl` the final version its stage
+    recorded in `stages` (a StageRecord; ppo: one version per iteration, dpo: the one after SL's)."""
     if point == "base":
         return 0
     after_sl = 1 if "sl" in config.run.stages else 0
     if point == "sl":
         return after_sl
-    return after_sl + (1 if point_stage(config, point) == "dpo" else config.ppo.iterations)
+    stage = point_stage(config, point)
+    recorded = stages.info(stage).get("final_version")
+    if recorded is not None:
+        return int(recorded)
+    # A run dir from before stages recorded final_version: derived from the config, which is right unless
+    # ppo.iterations changed after the stage finished.
+    return after_sl + (1 if stage == "dpo" else config.ppo.iterations)
 
 
 def due_points(ctx) -> list[str]:
@@ -65,7 +71,7 @@ def _pool_model(ctx, point: str):
 
     from trainer.eval.workers import PoolModel
 
-    version, stage = point_version(ctx.config, point), point_stage(ctx.config, point) or "base"
+    version, stage = point_version(ctx.config, ctx.stages, point), point_stage(ctx.config, point) or "base"
 
     def weights() -> WeightHandle:
         return ray.get(ctx.learner.publish_stage.remote(stage, version))
@@ -75,9 +81,8 @@ def _pool_model(ctx, point: str):
 
 def _judge(ctx, models: dict, point: str):
     """(Judge, JudgeInfo) on the workers' judge model, or (None, None) when no chosen suite asks one."""
-    from trainer.eval.judge import ChoiceJudge, LlamaGuardJudge, detect_format
+    from trainer.eval.judge import build_judge
     from trainer.eval.local import feedback_config_of
-    from trainer.eval.results import JudgeInfo
     from trainer.eval.runner import JUDGED_SUITES
     from trainer.eval.workers import PoolScorer
     from trainer.preflight import check_model_source
@@ -87,14 +92,10 @@ def _judge(ctx, models: dict, point: str):
         return None, None
     source = cfg.eval.judge or cfg.model.source
     tokenizer = ctx.tokenizer if source == cfg.model.source else check_model_source(source, "eval.judge")
-    judge_format = detect_format(cfg.eval.judge_format, source, tokenizer)
     # Judge tasks go with the evaluated point's version, so the workers need not switch weights for them.
     scorer = PoolScorer(models[point], "judge", tokenizer)
-    if judge_format == "llama_guard":
-        judge = LlamaGuardJudge(scorer, tokenizer, source)
-    else:
-        judge = ChoiceJudge(scorer, ctx.constitution, feedback_config_of(cfg.label))
-    return judge, JudgeInfo(source=source, format=judge_format, self_judged=source == cfg.model.source)
+    return build_judge(scorer, tokenizer, source, cfg.eval.judge_format, ctx.constitution,
+                       feedback_config_of(cfg.label), self_judged=source == cfg.model.source)
 
 
 def evaluate_point(ctx, point: str) -> None:

@@ -132,6 +132,7 @@ def run_ppo(ctx) -> None:
     extras["eval_after"] = evaluate(ctx, "after", weights)
     ray.get(learner.save.remote(cfg.ppo.iterations, extras, True))
     ray.get(learner.finish.remote())  # checkpoints/ppo-params: the RL policy alone
+    # final_version: the RL policy's weight version, which its evaluation asks for (trainer.stages.evaluate)
     ctx.stages.update("ppo", algorithm=cfg.ppo.algorithm, pm_reward_before=extras["eval_before"]["pm_reward_mean"],
-                      pm_reward_after=extras["eval_after"]["pm_reward_mean"],
+                      pm_reward_after=extras["eval_after"]["pm_reward_mean"], final_version=version,
                       stale_dropped=ctx.pool.stats.stale_dropped, worker_deaths=ctx.pool.stats.worker_deaths)
