@@ -88,9 +88,9 @@ def validate(config: RunConfig) -> Validated:
 # another mesh). Any other change would mix two experiments in one run directory. A key ending in "." is a
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps", "dpo.steps",
-                     "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "rollout.resources.", "data.data_dir", "model.mesh.", "learner.", "ray.",
-                     "checkpoint.", "eval.train_models")
+                     "ppo.iterations", "rollout.colocated", "rollout.num_workers", "rollout.task_timeout_s",
+                     "rollout.max_restarts", "rollout.num_cpus", "rollout.resources.", "rollout.memory_fraction",
+                     "data.data_dir", "model.mesh.", "learner.", "ray.", "checkpoint.", "eval.train_models")
 # run.json: what else a resume must match (the constitution's content hash), and the topology (trainer/topology.py)
 
 

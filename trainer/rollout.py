@@ -256,4 +256,5 @@ def worker_options(config) -> dict[str, Any]:
     from trainer.config import ray_resource_options
 
     return {"num_cpus": config.rollout.num_cpus, "max_restarts": config.rollout.max_restarts,
-            "max_task_retries": 0, "max_concurrency": 1, **ray_resource_options(config.rollout.resources)}
+            "max_task_retries": 0, "max_concurrency": 1,
+            **ray_resource_options(config.rollout.resources, config.rollout.memory_fraction)}
