@@ -1,10 +1,19 @@
-"""rollout.colocated: the config rules of the mode, and the GPU memory split of processes that share a GPU."""
+"""rollout.colocated: the rollout worker's code running inside the learner process on the learner's own
+arrays (trainer.weights.LiveWeights), the config rules of the mode, and the GPU memory split of processes
+that share a GPU. The whole pipeline in colocated mode, killed and resumed, is in tests/test_run_faults.py."""
+
+import sys
+from pathlib import Path
 
 import pytest
 
+from models.sampling import SamplingParams
 from trainer.config import load_run_config, ray_resource_options
 from trainer.configlib import ConfigError
+from trainer.rollout import RolloutSettings, Task
+from trainer.weights import WeightHandle
 
+ROOT = Path(__file__).resolve().parents[1]
 COLOCATED = ["rollout.colocated=true", "rollout.num_workers=0"]
 
 
@@ -62,3 +71,81 @@ def test_a_run_may_resume_colocated_or_separate():
     colocated = to_dict(load_run_config(None, [*COLOCATED, "learner.resources={GPU: 1}",
                                                "learner.memory_fraction=0.9"]))
     assert config_changes(separate, colocated) == [] and config_changes(colocated, separate) == []
+
+
+@pytest.fixture(scope="module")
+def colocated_learner(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_fixtures import write_tiny_model
+
+    from trainer.learner import Learner
+
+    tmp = tmp_path_factory.mktemp("colocated")
+    model_dir = write_tiny_model(tmp / "tiny")
+    config = load_run_config(ROOT / "configs" / "tiny.yaml", [f"model.source={model_dir}", f"run.runs_dir={tmp}",
+                                                              *COLOCATED])
+    learner = Learner(config, str(tmp / "tiny"))
+    learner.topology()  # raises what the learner met while starting
+    yield learner
+    learner.close()
+
+
+def _rollout(learner, weights, seed=1):
+    settings = RolloutSettings(SamplingParams(max_new_tokens=6, temperature=1.0))
+    result = learner.run(Task("rollout", ("a", "b"), ("how do i help", "explain why"), weights, seed, settings))
+    assert result.version == weights.version and result.worker == "learner"
+    assert all(r["version"] == weights.version for r in result.records.values())
+    return {u: (r["response_ids"], r["logprobs"]) for u, r in result.records.items()}
+
+
+def test_the_learner_samples_in_process_on_its_own_arrays_at_the_version_it_offered(colocated_learner):
+    import jax
+    from flax import nnx
+
+    learner = colocated_learner
+    own = _rollout(learner, WeightHandle(0, None))  # the worker's initial weights, as a separate worker's
+    handle = learner.publish(1)  # the policy entering label/PPO: here the initial model, on the learner's mesh
+    assert handle.version == 1 and handle.ref is None and handle.nbytes == 0
+    assert _rollout(learner, handle) == own  # the same weights, offered in place: the same samples
+
+    # No copy: the sampler's model holds the very buffers the learner offered.
+    offered = {p: v[...] for p, v in nnx.to_flat_state(learner.live.offered(1))}
+    held = dict(nnx.to_flat_state(nnx.state(learner.worker._policy.model)))
+    assert offered.keys() == held.keys()
+    assert all(held[p][...].unsafe_buffer_pointer() == a.unsafe_buffer_pointer() for p, a in offered.items())
+
+    # Another version: other samples; back to version 1: version 1's samples again.
+    scaled = jax.tree.map(lambda a: a * 3.0, learner.live.offered(1))
+    learner.live.offer(2, scaled)
+    assert _rollout(learner, WeightHandle(2, None)) != own
+    assert _rollout(learner, handle) == own
+
+    with pytest.raises(ValueError, match="weights version 7 is not offered by the learner"):
+        _rollout(learner, WeightHandle(7, None))
+    next(iter(jax.tree.leaves(learner.live.offered(2)))).delete()  # as the next update's donation does
+    with pytest.raises(ValueError, match="were donated to a later update"):
+        _rollout(learner, WeightHandle(2, None))
+    learner.live.clear()  # a new stage: only what it offers anew
+    with pytest.raises(ValueError, match="weights version 1 is not offered by the learner"):
+        _rollout(learner, handle)
+
+
+def test_a_separate_learner_runs_no_rollout_tasks(tmp_path):
+    from trainer.learner import Learner
+    from trainer.learners.base import StageCallError
+
+    learner = Learner.__new__(Learner)
+    learner.worker = None
+    with pytest.raises(StageCallError, match="only rollout.colocated: true does"):
+        learner.run(Task("rollout", ("a",), ("hi",), WeightHandle(0, None), 0))
+
+
+def test_the_report_says_no_weights_moved_when_colocated(tmp_path):
+    from trainer import topology
+    from trainer.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.write("ppo", 1, {"sync_bytes": 0, "sync_learner_seconds": 0.0, "sync_seconds": 0.01, "sync_worker_seconds": 0.0})
+    log.close()
+    assert "Weight sync per PPO version: none — the sampler ran in the learner process" in "\n".join(
+        topology.report_lines(tmp_path))
