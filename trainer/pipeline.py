@@ -6,8 +6,9 @@ The driver owns the run: it validates the config, constitution, prompt files and
 before Ray or any JAX backend starts; writes <run>/config.yaml (secrets redacted); starts a local
 Ray cluster on 127.0.0.1 (or joins one); creates one Learner and N RolloutWorkers (none with
 rollout.colocated: the learner process samples); and runs each selected stage not yet recorded
-done in <run>/stages.json (trainer/stages/*.py). A rerun of the same run directory resumes: finished stages are skipped, an interrupted stage continues from its
-ledger (completed prompt uids) and its newest checkpoint.
+done in <run>/stages.json (trainer/stages/*.py). A rerun of the same run directory resumes:
+finished stages are skipped, an interrupted stage continues from its ledger (completed prompt
+uids) and its newest checkpoint.
 """
 
 from __future__ import annotations

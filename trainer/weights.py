@@ -107,11 +107,12 @@ class LiveWeights:
     """The colocated worker's weights: the learner's own parameter arrays, handed over by reference.
 
     `offer` keeps the newest KEEP versions the learner published (evaluation alternates between a policy and
-    the base model) until `clear` (a new stage); `state_for` gives the worker's model the arrays of the version a task names — each on the
-    worker's device, which on a one-device learner mesh is where they already are (no copy at all; a sharded
-    mesh gathers them device to device), cast to the worker's dtype only where it differs. A version's arrays
-    stay valid until the learner's next update donates them; a task naming a version whose arrays are gone
-    (or were never offered) is an error, never a silent sample with other weights.
+    the base model) until `clear` (a new stage); `state_for` gives the worker's model the arrays of the
+    version a task names — each on the worker's device, which on a one-device learner mesh is where they
+    already are (no copy at all; a sharded mesh gathers them device to device), cast to the worker's dtype
+    only where it differs. A version's arrays stay valid until the learner's next update donates them; a
+    task naming a version whose arrays are gone (or were never offered) is an error, never a silent sample
+    with other weights.
     """
 
     KEEP = 2
