@@ -149,3 +149,25 @@ def test_the_report_says_no_weights_moved_when_colocated(tmp_path):
     log.close()
     assert "Weight sync per PPO version: none — the sampler ran in the learner process" in "\n".join(
         topology.report_lines(tmp_path))
+
+
+def test_arrays_sharded_over_the_learner_mesh_are_gathered_to_the_sampler_device(colocated_learner):
+    """A learner mesh of several devices: the sampler gathers the offered arrays onto its own device
+    (device to device) and samples exactly as from one device's copy."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    learner = colocated_learner
+    single = learner.publish(1)
+    want = _rollout(learner, single)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+
+    def shard(a):
+        spec = PartitionSpec("x") if a.ndim and a.shape[0] % 2 == 0 else PartitionSpec()
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    sharded = jax.tree.map(shard, learner.live.offered(1))
+    assert any(len(a.sharding.device_set) == 2 for a in jax.tree.leaves(sharded))
+    learner.live.offer(5, sharded)
+    assert _rollout(learner, WeightHandle(5, None)) == want
