@@ -1,6 +1,7 @@
 """Rollout workers on a real local Ray cluster: exactly-once completion across a worker killed
 mid-batch (os._exit), stale results dropped and re-dispatched, hung workers timed out, and the
-real RolloutWorker sampling a tiny model at a published weight version."""
+real RolloutWorker sampling a tiny model at a published weight version; colocated, the learner as the
+pool's one worker."""
 
 import os
 import tempfile
@@ -176,3 +177,27 @@ def test_real_worker_evaluation_tasks_follow_the_version_and_judge_with_the_base
     np.testing.assert_allclose(scores("judge", handle), local(checkpoint.params), atol=1e-4)
     reply = ray_cluster.get(worker.run.remote(Task("reply", ("a",), ("how do i help",), handle, 0, ReplySettings(4))))
     assert reply.version == 1 and isinstance(reply.records["a"]["reply"], str)
+
+
+def test_colocated_tasks_go_to_the_learner_whose_death_stops_the_run(ray_cluster, tmp_path):
+    """rollout.colocated: the pool's one worker is the learner actor, through the driver's LearnerWatch; the
+    learner dying mid-task is not retried elsewhere but stops the run as a LearnerError, the batches done
+    before it kept in the ledger."""
+    from trainer.config import load_run_config
+    from trainer.health import LearnerError, LearnerWatch
+    from trainer.pipeline import _worker_pool
+
+    config = load_run_config(None, ["rollout.colocated=true", "rollout.num_workers=0"])
+    learner = ray_cluster.remote(EchoWorker).options(num_cpus=0.1, max_restarts=0).remote(
+        str(tmp_path / "marker"), die_on="p4")
+    watch = LearnerWatch([learner], timeout_s=60)
+    try:
+        pool = _worker_pool(config, [], watch)
+        ledger = Ledger.open(tmp_path / "s.jsonl", [f"p{i}" for i in range(6)])
+        with pytest.raises(Exception) as err:
+            _run(pool, ledger)  # batches of 3: p0-p2, then p3-p5 kills the learner
+        assert isinstance(watch.explain_failure(err.value), LearnerError)
+        assert sorted(r["uid"] for r in read_records(tmp_path / "s.jsonl")) == ["p0", "p1", "p2"]
+        assert pool.names == ["learner"] and pool.stats.worker_deaths == 0 and pool.stats.redispatched == 0
+    finally:
+        watch.stop_watching()

@@ -137,6 +137,38 @@ def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_workers(tiny_model, reference,  # noqa: F811
+                                                                                    tmp_path):
+    """rollout.colocated: every stage's sampling, critique, labelling and evaluation runs inside the learner
+    process on its own arrays. Killed (SIGKILL, driver and Ray) inside PPO and resumed, the run ends with the
+    same samples, metrics and final policy, bit for bit, as the uninterrupted run with a rollout worker —
+    and no weight sync (0 bytes)."""
+    colocated = ("rollout.colocated=true", "rollout.num_workers=0")
+    run_dir = tmp_path / "tiny"
+    run = Run(tiny_model, tmp_path, *colocated)
+    run.wait_for(lambda: len(_metric_steps(run_dir, "ppo")) >= 2)
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.finish()
+    assert not json.loads((run_dir / "stages.json").read_text()).get("ppo", {}).get("done")
+    run_train(tiny_model, tmp_path, *colocated, f"--resume={run_dir}")
+    _, metrics = check_finished_run(run_dir)
+
+    def without_sync(rows):
+        return {k: {m: v for m, v in row.items() if m != "ppo/sync_bytes"} for k, row in _comparable(rows).items()}
+
+    assert without_sync(_metric_rows(run_dir)) == without_sync(_metric_rows(reference))
+    assert [m["ppo/sync_bytes"] for m in metrics if m["stage"] == "ppo"] == [0, 0, 0]
+    assert "Weight sync per PPO version: none" in (run_dir / "report.md").read_text()
+    for name in ("sl.jsonl", "labels.jsonl", "rollouts.jsonl", "eval_before.jsonl", "eval_after.jsonl"):
+        ours, theirs = (read_records(d / "samples" / name) for d in (run_dir, reference))
+        assert {r["worker"] for r in ours} == {"learner"} and {r["worker"] for r in theirs} == {"worker-0"}
+        assert ({r["uid"]: {**r, "worker": ""} for r in ours} == {r["uid"]: {**r, "worker": ""} for r in theirs}), name
+    want, got = _final_params(reference), _final_params(run_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_sigint_inside_sl_training_checkpoints_exits_130_and_resumes(tiny_model, tmp_path):  # noqa: F811
     run_dir = tmp_path / "tiny"
     run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)

@@ -226,17 +226,16 @@ def check_resources(section: str, resources: dict, cpu_key: str) -> None:
             raise configlib.FieldError("resources", f"{key}: more than one GPU must be a whole number, got {amount}")
 
 
-def ray_resource_options(resources: dict) -> dict:
-    """Ray actor options for `resources` (validated by check_resources)."""
+def ray_resource_options(resources: dict, memory_fraction: float | None = None) -> dict:
+    """Ray actor options for `resources` (validated by check_resources); with a GPU, the share of its memory
+    JAX may take in the actor's process (`memory_fraction`, see gpu_memory_fraction)."""
     options, custom = {}, {}
     for name, amount in resources.items():
         if name == "GPU":
             options["num_gpus"] = amount
-            if amount < 1:
-                # JAX takes 75 % of a GPU's memory per process up front, so two processes sharing one GPU
-                # would not both start; each gets its share of it instead (less 10 % for CUDA's own use).
-                # Ray merges these variables into the job's.
-                options["runtime_env"] = {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 * amount:.3f}"}}
+            fraction = gpu_memory_fraction(amount, memory_fraction)
+            if fraction is not None:  # Ray merges these variables into the job's
+                options["runtime_env"] = {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{fraction:.3f}"}}
         elif name == "memory":
             options["memory"] = amount
         else:
@@ -244,6 +243,30 @@ def ray_resource_options(resources: dict) -> dict:
     if custom:
         options["resources"] = custom
     return options
+
+
+JAX_GPU_MEMORY_FRACTION = 0.75  # what JAX preallocates of a GPU's memory in a process when nothing says otherwise
+
+
+def gpu_memory_fraction(gpu_share: float, memory_fraction: float | None) -> float | None:
+    """XLA_PYTHON_CLIENT_MEM_FRACTION of a process holding `gpu_share` of a GPU: the configured fraction, else
+    for a fraction of a GPU that fraction of its memory less 10 % for CUDA's own use (JAX's default 75 % in two
+    processes sharing one GPU would not both start), else None (JAX's default)."""
+    if memory_fraction is not None:
+        return memory_fraction
+    return 0.9 * gpu_share if gpu_share < 1 else None
+
+
+def check_memory_fraction(section: str, memory_fraction: float | None, resources: dict) -> None:
+    if memory_fraction is None:
+        return
+    if not 0 < memory_fraction <= 1:
+        raise configlib.FieldError("memory_fraction", f"{section}.memory_fraction: expected a fraction in (0, 1], "
+                                                      f"got {memory_fraction}")
+    if "GPU" not in resources:
+        raise configlib.FieldError("memory_fraction", f"{section}.memory_fraction sets the share of a GPU's memory "
+                                                      f"JAX takes in the process, but {section}.resources asks for no "
+                                                      f"GPU (e.g. {{GPU: 0.5}})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +279,7 @@ class LearnerSection:
     head_resource: str = ""  # a resource only learner 0's node has (a TPU slice: "TPU-v4-16-head")
     coordinator_port: int = 0  # jax.distributed coordinator port on learner 0's node; 0 = a free one
     join_timeout_s: float = 300.0  # how long the hosts may take to be scheduled and to join the JAX job
+    memory_fraction: float | None = None  # of its GPU's memory JAX takes per learner (XLA_PYTHON_CLIENT_MEM_FRACTION); None: 0.9 × a GPU share < 1, else JAX's 75 %
 
     def __post_init__(self):
         if self.hosts < 1:
@@ -266,24 +290,73 @@ class LearnerSection:
         if self.join_timeout_s <= 0:
             raise configlib.FieldError("join_timeout_s", f"learner.join_timeout_s must be > 0, got {self.join_timeout_s}")
         check_resources("learner", self.resources, "ray.learner_num_cpus")
+        check_memory_fraction("learner", self.memory_fraction, self.resources)
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
-    num_workers: int = 1  # RolloutWorker actors
+    """Who samples, critiques and labels: RolloutWorker actors (separate processes, sent each weight version
+    through the object store), or with `colocated` the learner process itself, on its devices, reading its
+    parameters in place (one accelerator host: no weight copy, no second process holding device memory)."""
+
+    colocated: bool = False  # run every rollout task inside the learner process (needs num_workers: 0, learner.hosts: 1)
+    num_workers: int = 1  # RolloutWorker actors (0 with colocated)
     batch_size: int = 8  # prompt uids per worker task
     max_staleness: int = 1  # results sampled more than this many weight versions ago are dropped
     task_timeout_s: float = 600.0  # a task running longer marks its worker hung: killed, restarted, re-dispatched
     max_restarts: int = 3  # Ray restarts of a dead worker
     num_cpus: float = 0.5  # Ray CPU share per worker (fractional: whole CPUs starve 2-core machines)
     resources: dict[str, float] = dataclasses.field(default_factory=dict)  # per worker, e.g. {GPU: 0.5}
+    memory_fraction: float | None = None  # of its GPU's memory JAX takes per worker (XLA_PYTHON_CLIENT_MEM_FRACTION); None: 0.9 × a GPU share < 1, else JAX's 75 %
 
     def __post_init__(self):
-        if self.num_workers < 1 or self.batch_size < 1 or self.max_staleness < 0:
-            raise RunConfigError("rollout: num_workers ≥ 1, batch_size ≥ 1 and max_staleness ≥ 0 expected")
+        if self.num_workers < 0 or self.batch_size < 1 or self.max_staleness < 0:
+            raise RunConfigError("rollout: num_workers ≥ 0, batch_size ≥ 1 and max_staleness ≥ 0 expected")
         if self.task_timeout_s <= 0 or self.max_restarts < 0 or self.num_cpus <= 0:
             raise RunConfigError("rollout: task_timeout_s > 0, max_restarts ≥ 0 and num_cpus > 0 expected")
         check_resources("rollout", self.resources, "rollout.num_cpus")
+        check_memory_fraction("rollout", self.memory_fraction, self.resources)
+        if self.colocated and self.num_workers:
+            raise configlib.FieldError("num_workers", f"rollout.colocated: true runs the rollout tasks in the learner "
+                                                      f"process and starts no rollout workers: set "
+                                                      f"rollout.num_workers: 0 (got {self.num_workers})")
+        if self.colocated and (self.resources or self.memory_fraction is not None):
+            key = "resources" if self.resources else "memory_fraction"
+            raise configlib.FieldError(key, f"rollout.colocated: true starts no rollout workers, so rollout.{key} "
+                                            f"applies to nothing; the learner process's learner.{key} does")
+        if not self.colocated and self.num_workers == 0:
+            raise configlib.FieldError("num_workers", "rollout.num_workers: 0 leaves nothing to sample with; start "
+                                                      "≥ 1 workers, or set rollout.colocated: true to sample in the "
+                                                      "learner process")
+
+
+def check_gpu_memory_split(learner: LearnerSection, rollout: RolloutSection) -> None:
+    """Processes holding a fraction of a GPU may be placed on one GPU by Ray (their shares summing to ≤ 1):
+    the memory JAX takes in them must fit that GPU together. At most one learner is on a node; of the
+    workers, as many as fit beside it (or alone) by their GPU shares."""
+    eps = 1e-9
+    share_l, share_w = learner.resources.get("GPU"), rollout.resources.get("GPU") if rollout.num_workers else None
+    fraction_l = share_l and (gpu_memory_fraction(share_l, learner.memory_fraction) or JAX_GPU_MEMORY_FRACTION)
+    fraction_w = share_w and (gpu_memory_fraction(share_w, rollout.memory_fraction) or JAX_GPU_MEMORY_FRACTION)
+
+    def workers_beside(room: float) -> int:
+        return min(rollout.num_workers, int(room / share_w + eps)) if share_w and share_w < 1 else 0
+
+    groups = []  # (learner on it, workers on it) of the fullest GPUs possible
+    if share_l and share_l < 1:
+        groups.append((True, workers_beside(1 - share_l)))
+    if share_w and share_w < 1:
+        groups.append((False, workers_beside(1.0)))
+    for with_learner, workers in groups:
+        total = (fraction_l if with_learner else 0.0) + workers * fraction_w
+        if total > 1 + eps:
+            learner_part = (f"the learner ({share_l:g} GPU, memory fraction {fraction_l:.3f}: learner.memory_fraction) "
+                            f"and " if with_learner else "")
+            raise configlib.FieldError(
+                "rollout", f"GPU memory split: one GPU may hold {learner_part}{workers} rollout worker(s) "
+                           f"({share_w:g} GPU each, memory fraction {fraction_w:.3f}: rollout.memory_fraction), "
+                           f"{total:.3f} of its memory in all > 1; lower learner.memory_fraction / "
+                           f"rollout.memory_fraction so that they sum to at most 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +416,14 @@ class RunConfig:
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every_steps=4, keep=2))
     run: RunSection = dataclasses.field(default_factory=RunSection)
+
+    def __post_init__(self):
+        if self.rollout.colocated and self.learner.hosts > 1:
+            raise configlib.FieldError("rollout", f"rollout.colocated: true samples inside the one learner process of "
+                                                  f"a single-host run, but learner.hosts = {self.learner.hosts}: a "
+                                                  f"learner group samples on rollout workers (rollout.colocated: "
+                                                  f"false, rollout.num_workers ≥ 1)")
+        check_gpu_memory_split(self.learner, self.rollout)
 
     @property
     def run_dir(self) -> Path:

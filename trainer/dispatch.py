@@ -15,6 +15,10 @@ to `on_record(uid, record, result)` (which completes the uid in the ledger). Fai
     counted, its uids re-dispatched;
   * a task that raises an ordinary exception is a bug or bad input: the run stops with it.
 A worker that died more than `max_restarts` times is retired; with none left the run stops.
+
+Colocated (rollout.colocated) the one "worker" is the learner actor, through the driver's LearnerWatch
+(trainer/health.py): `timeout_s` is infinite (the watch stops a call running past ray.learner_timeout_s)
+and with `deaths_fatal` a death is raised as it is, for the watch to explain — a learner is not restarted.
 """
 
 from __future__ import annotations
@@ -67,8 +71,10 @@ def _is_actor_death(err: BaseException) -> bool:
 
 
 class WorkerPool:
-    def __init__(self, handles: list, names: list[str], timeout_s: float, max_staleness: int, max_restarts: int):
+    def __init__(self, handles: list, names: list[str], timeout_s: float, max_staleness: int, max_restarts: int,
+                 deaths_fatal: bool = False):
         self.handles = list(handles)
+        self.deaths_fatal = deaths_fatal
         self.names = list(names)
         self.timeout_s = timeout_s
         self.max_staleness = max_staleness
@@ -125,6 +131,8 @@ class WorkerPool:
                         cause = getattr(err, "cause", None)
                         if isinstance(cause, UserError):
                             raise cause from None  # bad input found on a worker: the user's message, no traceback
+                        raise
+                    if self.deaths_fatal:
                         raise
                     self._on_death(w, uids, ledger, err)
                     if w not in self.retired:

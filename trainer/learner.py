@@ -9,6 +9,7 @@ The driver (trainer/stages/*.py) calls, for each stage:
     learner.save(step, extras, force)     learner.finish()  (hand the weights on to later stages)
     learner.publish(version)              -> WeightHandle of the current policy (object store)
     learner.publish_stage(stage, version) -> WeightHandle of the policy a finished stage saved (evaluation)
+    learner.run(task)                     -> TaskResult (rollout.colocated: the rollout tasks run here)
 
 What each call does is the current stage learner's business (trainer/learners/): this class holds
 the context they share — mesh, tokenizer, and the weights finished stages leave on the devices —
@@ -16,6 +17,11 @@ and forwards. One learner per run on one host; a multi-host run has one per host
 learner_group.py), joined by jax.distributed into one JAX job over one global mesh, every one
 receiving the same calls (SPMD). Checkpoints are saved by all of them together (Orbax); what goes
 to the run directory or the object store otherwise (weights, the export) comes from process 0.
+
+Colocated (`rollout.colocated`, one host): the rollout worker's code runs in this process on these
+devices (trainer.rollout.RolloutWorker with trainer.weights.LiveWeights); `publish` then offers the
+policy's device arrays under the version instead of gathering them to the host, and `run(task)` samples
+with the arrays of the version the task names.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Learner:
         from models.errors import UserError
 
         self.init_error = None
+        self.live = None  # rollout.colocated: the policy versions offered to the in-process worker (LiveWeights)
+        self.worker = None  # rollout.colocated: the rollout worker running in this process
         try:
             self._start(config, run_dir, distributed)
         except UserError as err:
@@ -75,6 +83,12 @@ class Learner:
         self.ctx = LearnerContext(config=config, run_dir=Path(run_dir), rules=rules, model_config=model_config,
                                   tokenizer=initial.tokenizer)
         self.current = None  # the stage learner of the stage being run
+        if config.rollout.colocated:
+            from trainer.rollout import RolloutWorker
+            from trainer.weights import LiveWeights
+
+            self.live = LiveWeights()
+            self.worker = RolloutWorker(config, 0, live=self.live)
 
     def setup(self, stage: str):
         """Make `stage`'s learner and build (or restore) its state; the previous stage's is dropped first."""
@@ -83,6 +97,8 @@ class Learner:
         from trainer.learners import STAGE_LEARNERS
 
         self.close()
+        if self.live is not None:
+            self.live.clear()  # versions offered for earlier tasks (evaluation's restored policies)
         gc.collect()  # free the previous stage's arrays before allocating this one's
         self.current = STAGE_LEARNERS[stage](self.ctx)
         return self.current.setup()
@@ -108,7 +124,7 @@ class Learner:
 
     def publish(self, version: int):
         """The current policy's weights in the object store, as `version` (put once, by process 0; the
-        others return None after taking part in gathering the weights)."""
+        others return None after taking part in gathering the weights). Colocated: offered in place, 0 bytes."""
         import time
 
         import jax
@@ -116,6 +132,8 @@ class Learner:
         from trainer.weights import publish
 
         start = time.perf_counter()
+        if self.live is not None:
+            return self.live.offer(version, self._policy_params(), time.perf_counter() - start)
         params = self._host_policy_params()
         return publish(version, params, time.perf_counter() - start) if jax.process_index() == 0 else None
 
@@ -139,8 +157,20 @@ class Learner:
             optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer,
                          "dpo": config.dpo.optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
+        if self.live is not None:
+            return self.live.offer(version, params, time.perf_counter() - start)
         host = host_params(gather_to_host(params))
         return publish(version, host, time.perf_counter() - start) if jax.process_index() == 0 else None
+
+    def run(self, task):
+        """rollout.colocated: one rollout task (trainer.rollout.Task) on this process's devices, with the
+        policy version the task names as `publish` / `publish_stage` offered it."""
+        from trainer.learners.base import StageCallError
+
+        if self.worker is None:
+            raise StageCallError("learner.run(task) runs rollout tasks in the learner process, which only "
+                                 "rollout.colocated: true does; this run samples on rollout workers")
+        return self.worker.run(task)
 
     def export(self, out: str) -> str | None:
         """Write the current policy as a Hugging Face directory (process 0)."""

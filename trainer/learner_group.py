@@ -30,7 +30,7 @@ class LearnerGroupError(UserError, RuntimeError):
 def learner_options(config: RunConfig) -> dict:
     """Ray actor options of one learner (no restarts: a restarted learner would hold no state)."""
     return {"num_cpus": config.ray.learner_num_cpus, "max_restarts": 0,
-            **ray_resource_options(config.learner.resources)}
+            **ray_resource_options(config.learner.resources, config.learner.memory_fraction)}
 
 
 def bundles(config: RunConfig) -> list[dict]:

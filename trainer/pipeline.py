@@ -4,10 +4,11 @@
 
 The driver owns the run: it validates the config, constitution, prompt files and model source
 before Ray or any JAX backend starts; writes <run>/config.yaml (secrets redacted); starts a local
-Ray cluster on 127.0.0.1 (or joins one); creates one Learner and N RolloutWorkers; and runs each
-selected stage not yet recorded done in <run>/stages.json (trainer/stages/*.py). A rerun of the
-same run directory resumes: finished stages are skipped, an interrupted stage continues from its
-ledger (completed prompt uids) and its newest checkpoint.
+Ray cluster on 127.0.0.1 (or joins one); creates one Learner and N RolloutWorkers (none with
+rollout.colocated: the learner process samples); and runs each selected stage not yet recorded
+done in <run>/stages.json (trainer/stages/*.py). A rerun of the same run directory resumes:
+finished stages are skipped, an interrupted stage continues from its ledger (completed prompt
+uids) and its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def validate(config: RunConfig) -> Validated:
 # another mesh). Any other change would mix two experiments in one run directory. A key ending in "." is a
 # whole section.
 RESUMABLE_CHANGES = ("run.stages", "run.export", "run.name", "run.runs_dir", "sl.sft_steps", "rm.steps", "dpo.steps",
-                     "ppo.iterations", "rollout.num_workers", "rollout.task_timeout_s", "rollout.max_restarts",
-                     "rollout.num_cpus", "rollout.resources.", "data.data_dir", "model.mesh.", "learner.", "ray.",
-                     "checkpoint.", "eval.train_models")
+                     "ppo.iterations", "rollout.colocated", "rollout.num_workers", "rollout.task_timeout_s",
+                     "rollout.max_restarts", "rollout.num_cpus", "rollout.resources.", "rollout.memory_fraction",
+                     "data.data_dir", "model.mesh.", "learner.", "ray.", "checkpoint.", "eval.train_models")
 # run.json: what else a resume must match (the constitution's content hash), and the topology (trainer/topology.py)
 
 
@@ -255,19 +256,29 @@ def load_prompts(config: RunConfig, tokenizer=None) -> dict:
 
 
 def _create_actors(config: RunConfig, run_dir: Path, worker_cls):
+    """The learner actor(s) and the rollout worker actors (none with rollout.colocated)."""
     import ray
 
-    from trainer.dispatch import WorkerPool
     from trainer.learner_group import start_learners
     from trainer.rollout import worker_options
 
     learners = start_learners(config, run_dir)
     remote_worker = ray.remote(worker_cls)
-    handles = [remote_worker.options(**worker_options(config)).remote(config, i)
+    workers = [remote_worker.options(**worker_options(config)).remote(config, i)
                for i in range(config.rollout.num_workers)]
-    pool = WorkerPool(handles, [f"worker-{i}" for i in range(len(handles))], config.rollout.task_timeout_s,
-                      config.rollout.max_staleness, config.rollout.max_restarts)
-    return learners, pool
+    return learners, workers
+
+
+def _worker_pool(config: RunConfig, workers: list, watch):
+    """The pool the stages dispatch to: the worker actors, or with rollout.colocated the learner itself
+    (through its watch: timed by ray.learner_timeout_s, and its death stops the run as a LearnerError)."""
+    from trainer.dispatch import WorkerPool
+
+    rollout = config.rollout
+    if rollout.colocated:
+        return WorkerPool([watch], ["learner"], float("inf"), rollout.max_staleness, 0, deaths_fatal=True)
+    return WorkerPool(workers, [f"worker-{i}" for i in range(len(workers))], rollout.task_timeout_s,
+                      rollout.max_staleness, rollout.max_restarts)
 
 
 def train(config: RunConfig, resume: bool = False, worker_cls=None) -> Path:
@@ -306,12 +317,13 @@ def _run(config: RunConfig, run_dir: Path, validated: Validated, prompts: dict, 
 
     ray = start_ray(config)
     try:
-        learners, pool = _create_actors(config, run_dir, worker_cls or RolloutWorker)
+        learners, workers = _create_actors(config, run_dir, worker_cls or RolloutWorker)
     except BaseException:
         ray.shutdown()
         raise
     signals.install()  # after ray.init, whose C++ logging installs its own fatal-signal handler for SIGTERM
     watch = LearnerWatch(learners, config.ray.learner_timeout_s)
+    pool = _worker_pool(config, workers, watch)
     ctx = Context(config=config, run_dir=run_dir, constitution=validated.constitution,
                   constitution_hash=validated.constitution_hash, learner=watch, pool=pool,
                   metrics=MetricsLog(run_dir), stages=StageRecord(run_dir), prompts=prompts,

@@ -18,6 +18,11 @@ change), then runs the whole batch at that version — a batch never mixes versi
 
 The worker holds no run state: a restarted worker (Ray `max_restarts`) rebuilds itself from the
 constructor arguments and is brought to the right weights by its next task.
+
+With `rollout.colocated` the same class runs inside the learner process (`RolloutWorker(config, 0,
+live=LiveWeights)`, made by trainer/learner.py): its tasks are learner calls, and its weights are the
+learner's own arrays of the version each task names (trainer.weights.LiveWeights) instead of copies
+fetched from the object store.
 """
 
 from __future__ import annotations
@@ -73,10 +78,12 @@ def task_seed(run_seed: int, stage: str, uids: Sequence[str], version: int) -> i
 class RolloutWorker:
     """The actor body (wrap with `ray.remote`, see `trainer.pipeline`). `config` is a RunConfig."""
 
-    def __init__(self, config, index: int):
+    def __init__(self, config, index: int, live=None):
+        """`live` (trainer.weights.LiveWeights): run colocated in the learner process, on its arrays."""
         self.config = config
         self.index = index
-        self.name = f"worker-{index}"
+        self.name = "learner" if live is not None else f"worker-{index}"
+        self._live = live
         self._policy = None
         self._feedback = None
         self._judge = None
@@ -95,7 +102,8 @@ class RolloutWorker:
             from trainer.weights import WeightCache
 
             self._policy = Policy.load(self.config.model.source, self.config.model.dtype)
-            self._weights = WeightCache(self._policy.model)
+            model = self._policy.model
+            self._weights = WeightCache(model) if self._live is None else self._live.attach(model)
         return self._policy
 
     def _ensure_feedback(self):
@@ -256,4 +264,5 @@ def worker_options(config) -> dict[str, Any]:
     from trainer.config import ray_resource_options
 
     return {"num_cpus": config.rollout.num_cpus, "max_restarts": config.rollout.max_restarts,
-            "max_task_retries": 0, "max_concurrency": 1, **ray_resource_options(config.rollout.resources)}
+            "max_task_retries": 0, "max_concurrency": 1,
+            **ray_resource_options(config.rollout.resources, config.rollout.memory_fraction)}

@@ -63,14 +63,16 @@ def record(run_dir: Path, topology: dict, metrics) -> None:
 
 
 def report_lines(run_dir: Path) -> list[str]:
-    """report.md's section: where the learner ran, and what moving its weights to the workers cost."""
+    """report.md's section: where the learner ran, and what moving its weights to the workers cost (nothing
+    with rollout.colocated: its PPO rows say 0 bytes)."""
     from trainer.ledger import read_records
 
     path = Path(run_dir) / RUN_FILE
     topology = json.loads(path.read_text(encoding="utf-8")).get("topology") if path.is_file() else None
-    synced = [r for r in read_records(Path(run_dir) / "metrics.jsonl")
-              if r.get("stage") == "ppo" and r.get("ppo/sync_bytes")]
-    if not topology and not synced:
+    ppo = [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r.get("stage") == "ppo"]
+    synced = [r for r in ppo if r.get("ppo/sync_bytes")]
+    in_place = [r for r in ppo if r.get("ppo/sync_bytes") == 0]  # rollout.colocated: nothing moved
+    if not topology and not synced and not in_place:
         return []
     lines = ["## Topology and weight sync", ""]
     if topology:
@@ -86,4 +88,7 @@ def report_lines(run_dir: Path) -> list[str]:
                   f"learner gather + object-store put {mean('ppo/sync_learner_seconds'):.3f} s (driver waited "
                   f"{mean('ppo/sync_seconds'):.3f} s); workers fetching and loading it "
                   f"{mean('ppo/sync_worker_seconds'):.3f} s in all.", ""]
+    if in_place and not synced:
+        lines += ["Weight sync per PPO version: none — the sampler ran in the learner process (rollout.colocated) "
+                  "on the learner's own arrays (0 bytes moved).", ""]
     return lines

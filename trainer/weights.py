@@ -4,6 +4,12 @@
     cache = WeightCache(model)                      # worker: its current version and weights
     state = cache.state_for(handle)                 # fetches only when the version changed
 
+With `rollout.colocated` the worker runs inside the learner process and nothing travels:
+
+    live = LiveWeights()                            # learner: the versions it offers, as its own device arrays
+    handle = live.offer(version, params)            # WeightHandle(version, ref=None, nbytes=0)
+    state = live.attach(model).state_for(handle)    # in-process worker: the same interface as WeightCache
+
 The arrays travel as (names, arrays) lists: Ray stores numpy buffers without copying and every
 worker on the node reads the same shared-memory copy (`ray.get` is zero-copy, read-only). The
 handle is a small dataclass holding the ObjectRef *inside* it, so passing it to a task does not
@@ -95,3 +101,90 @@ class WeightCache:
         state = nnx.from_flat_state(leaves)
         self.fetch_seconds += time.perf_counter() - start
         return state
+
+
+class LiveWeights:
+    """The colocated worker's weights: the learner's own parameter arrays, handed over by reference.
+
+    `offer` keeps the newest KEEP versions the learner published (evaluation alternates between a policy and
+    the base model) until `clear` (a new stage); `state_for` gives the worker's model the arrays of the
+    version a task names — each on the worker's device, which on a one-device learner mesh is where they
+    already are (no copy at all; a sharded mesh gathers them device to device), cast to the worker's dtype
+    only where it differs. A version's arrays stay valid until the learner's next update donates them; a
+    task naming a version whose arrays are gone (or were never offered) is an error, never a silent sample
+    with other weights.
+    """
+
+    KEEP = 2
+
+    def __init__(self):
+        self._offered: dict[int, object] = {}  # version -> nnx.State of device arrays, oldest first
+        self._template: list | None = None  # the worker model's (path, abstract variable, sharding)
+        self._current = None  # the offered state the worker holds (None: its own initial weights, version 0)
+        self.version = 0
+        self.fetches = 0
+        self.fetch_seconds = 0.0
+
+    def offer(self, version: int, params, seconds: float = 0.0) -> WeightHandle:
+        """The learner's `params` (an nnx.State of device arrays) as `version`; no copy, nothing sent."""
+        self._offered.pop(version, None)
+        self._offered[version] = params
+        while len(self._offered) > self.KEEP:
+            self._offered.pop(next(iter(self._offered)))
+        return WeightHandle(version=int(version), ref=None, nbytes=0, seconds=seconds)
+
+    def clear(self) -> None:
+        """Forget every offered version (a new stage starts: what its tasks use, it offers anew), so that
+        arrays restored for an earlier evaluation do not stay on the devices through training."""
+        self._offered.clear()
+
+    def offered(self, version: int):
+        """The arrays offered as `version` (an nnx.State), or None."""
+        return self._offered.get(version)
+
+    def attach(self, model) -> "LiveWeights":
+        """Remember the worker model's parameter layout (not its arrays: they are dropped at the first swap)."""
+        import jax
+        from flax import nnx
+
+        self._template = [(path, variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype)),
+                           variable[...].sharding) for path, variable in nnx.to_flat_state(nnx.state(model))]
+        return self
+
+    def state_for(self, handle: WeightHandle):
+        """The nnx state at `handle.version`, or None when the worker already holds exactly those arrays."""
+        if handle.version == self.version and self._current is None:
+            return None  # the worker's own initial weights (version 0), as a separate worker would use them
+        import time
+
+        import jax
+        from flax import nnx
+
+        params = self.offered(handle.version)
+        if params is None:
+            raise ValueError(f"weights version {handle.version} is not offered by the learner (it holds "
+                             f"{sorted(self._offered)}): a task named a version the learner did not publish")
+        offered = {path: variable[...] for path, variable in nnx.to_flat_state(params)}
+        gone = [path_name(path) for path, array in offered.items() if array.is_deleted()]
+        if gone:
+            raise ValueError(f"weights version {handle.version}: {gone[0]} and {len(gone) - 1} more were donated to a "
+                             f"later update; a task named a version older than the learner's newest")
+        if params is self._current:
+            return None
+        start = time.perf_counter()
+        leaves = []
+        for path, variable, sharding in self._template:
+            name = path_name(path)
+            if path not in offered:
+                raise ValueError(f"weights version {handle.version} lack parameter {name}")
+            array = offered[path]
+            if tuple(array.shape) != tuple(variable.shape):
+                raise ValueError(f"weights version {handle.version}: {name} has shape {array.shape}, "
+                                 f"expected {variable.shape}")
+            if array.dtype != variable.dtype:
+                array = array.astype(variable.dtype)
+            leaves.append((path, variable.replace(jax.device_put(array, sharding))))
+        self.version, self._current = handle.version, params
+        self.fetches += 1
+        self.fetch_seconds += time.perf_counter() - start
+        return nnx.from_flat_state(leaves)
