@@ -203,10 +203,18 @@ class Block(nnx.Module):
         return constrain(x_BxTxD, ("batch", "length", "embed"), self.mesh_rules), new_cache
 
 
-@nnx.remat
 def _rematerialised_block(block: Block, x_BxTxD, positions_BxT, key_valid_BxS):
-    """Training-time block whose activations are recomputed in the backward pass (saves memory)."""
-    return block(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0]
+    """Training-time block whose activations are recomputed in the backward pass (saves memory).
+
+    A pure `jax.checkpoint` over the block's state, not `nnx.remat`: nnx.remat writes the block's
+    Variables back after the call, which fails ("Cannot mutate Param from a different trace level")
+    when some of them come from outside the gradient's trace, as a LoRA state's frozen base does."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x_BxTxD):
+        return nnx.merge(graphdef, state)(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0]
+
+    return jax.checkpoint(run)(state, x_BxTxD)
 
 
 def default_positions(mask_BxT: jax.Array) -> jax.Array:
