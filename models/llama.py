@@ -19,6 +19,7 @@ from flax import nnx
 
 from models.attention import causal_attention, fused_causal_attention, grouped_query_attention
 from models.config import ModelConfig
+from models.lora import AdaptedWeight
 from models.rope import apply_rope, inverse_frequencies
 from models.sharding import MeshRules, constrain
 
@@ -47,8 +48,12 @@ class KVCache(NamedTuple):
         return cls(layers, jnp.zeros((batch, slots), jnp.bool_))
 
 
-def project(x_BxTxI: jax.Array, w_IxO: jax.Array, w_OxI: jax.Array | None = None) -> jax.Array:
+def project(x_BxTxI: jax.Array, w_IxO: jax.Array | AdaptedWeight, w_OxI: jax.Array | None = None) -> jax.Array:
     """Contract x's last axis with w's first as one 2-D matmul, (B*T, I) @ (I, O...).
+
+    `w_IxO` may be an `AdaptedWeight` (models/lora.py: a LoRA training pass with dropout), computed
+    unmerged as x W + scale · (dropout(x) A) B; the scale goes on the rank-sized intermediate, the
+    smallest tensor of the three products.
 
     Left as a 3-D einsum, XLA:CPU keeps (B, T) as two dims, and the weight gradient, which then
     contracts over both, runs through a slower batched path; flat operands are plain GEMMs
@@ -59,6 +64,9 @@ def project(x_BxTxI: jax.Array, w_IxO: jax.Array, w_OxI: jax.Array | None = None
     weight on every call, while streaming an (O, I) left operand does not (SmolLM2 decode at
     batch 8: ~14% more tokens/s). The barrier stops XLA folding the transpose back into the product.
     """
+    if isinstance(w_IxO, AdaptedWeight):
+        adapter_BxTxR = w_IxO.scale * project(w_IxO.drop(x_BxTxI), w_IxO.a_IxR)
+        return project(x_BxTxI, w_IxO.w_IxO) + project(adapter_BxTxR, w_IxO.b_RxO)
     *lead, i = x_BxTxI.shape
     if w_OxI is not None:
         return project_out_major(x_BxTxI, w_OxI).reshape(*lead, *w_IxO.shape[1:])
@@ -73,6 +81,12 @@ def project_out_major(x_BxTxI: jax.Array, w_OxI: jax.Array) -> jax.Array:
 
 
 Projections = dict[str, jax.Array]  # one block's projection weights, (out, in), by name
+
+
+def compute_weight(param: nnx.Param, dtype) -> jax.Array | AdaptedWeight:
+    """A projection weight in the compute dtype. `get_value`, not `[...]`: in a LoRA training pass with
+    dropout the parameter holds an `AdaptedWeight` (W with its adapter apart), which `project` takes."""
+    return param.get_value().astype(dtype)
 
 
 def _param(init, rngs: nnx.Rngs, shape, dtype, logical_axes) -> nnx.Param:
@@ -131,9 +145,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         dt = self.dtype
         transposed = out_major or {}
-        q_BxTxNxH = project(x_BxTxD, self.q_DxNxH[...].astype(dt), transposed.get("q"))
-        k_BxTxKxH = project(x_BxTxD, self.k_DxKxH[...].astype(dt), transposed.get("k"))
-        v_BxTxKxH = project(x_BxTxD, self.v_DxKxH[...].astype(dt), transposed.get("v"))
+        q_BxTxNxH = project(x_BxTxD, compute_weight(self.q_DxNxH, dt), transposed.get("q"))
+        k_BxTxKxH = project(x_BxTxD, compute_weight(self.k_DxKxH, dt), transposed.get("k"))
+        v_BxTxKxH = project(x_BxTxD, compute_weight(self.v_DxKxH, dt), transposed.get("v"))
         if self.qkv_bias:
             q_BxTxNxH = q_BxTxNxH + self.q_bias_NxH[...].astype(dt)
             k_BxTxKxH = k_BxTxKxH + self.k_bias_KxH[...].astype(dt)
@@ -164,7 +178,8 @@ class Attention(nnx.Module):
         # One (N*H) contraction on explicitly flattened operands: given two contracting dims, XLA may
         # pick the (H, N) order and transpose the whole weight matrix on every decode step.
         b, t, n, h = out_BxTxNxH.shape
-        o_FxD = self.o_NxHxD[...].astype(self.dtype).reshape(n * h, -1)
+        o = compute_weight(self.o_NxHxD, self.dtype)
+        o_FxD = o.flatten_input(n * h) if isinstance(o, AdaptedWeight) else o.reshape(n * h, -1)
         return project(out_BxTxNxH.reshape(b, t, n * h), o_FxD, o_DxF)
 
 
@@ -182,10 +197,10 @@ class MLP(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array, out_major: Projections | None = None) -> jax.Array:
         dt = self.dtype
         transposed = out_major or {}
-        gate_BxTxF = project(x_BxTxD, self.gate_DxF[...].astype(dt), transposed.get("gate"))
-        up_BxTxF = project(x_BxTxD, self.up_DxF[...].astype(dt), transposed.get("up"))
+        gate_BxTxF = project(x_BxTxD, compute_weight(self.gate_DxF, dt), transposed.get("gate"))
+        up_BxTxF = project(x_BxTxD, compute_weight(self.up_DxF, dt), transposed.get("up"))
         hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"), self.mesh_rules)
-        return project(hidden_BxTxF, self.down_FxD[...].astype(dt), transposed.get("down"))
+        return project(hidden_BxTxF, compute_weight(self.down_FxD, dt), transposed.get("down"))
 
 
 class Block(nnx.Module):
@@ -203,10 +218,18 @@ class Block(nnx.Module):
         return constrain(x_BxTxD, ("batch", "length", "embed"), self.mesh_rules), new_cache
 
 
-@nnx.remat
 def _rematerialised_block(block: Block, x_BxTxD, positions_BxT, key_valid_BxS):
-    """Training-time block whose activations are recomputed in the backward pass (saves memory)."""
-    return block(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0]
+    """Training-time block whose activations are recomputed in the backward pass (saves memory).
+
+    A pure `jax.checkpoint` over the block's state, not `nnx.remat`: nnx.remat writes the block's
+    Variables back after the call, which fails ("Cannot mutate Param from a different trace level")
+    when some of them come from outside the gradient's trace, as a LoRA state's frozen base does."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x_BxTxD):
+        return nnx.merge(graphdef, state)(x_BxTxD, positions_BxT, key_valid_BxS, None, 0)[0]
+
+    return jax.checkpoint(run)(state, x_BxTxD)
 
 
 def default_positions(mask_BxT: jax.Array) -> jax.Array:
@@ -284,8 +307,10 @@ class Llama(nnx.Module):
             logits = project_out_major(hidden_BxTxD, self.embed_VxD[...].astype(dt))
         elif self.config.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed_VxD[...].astype(dt))
+        elif isinstance(head := compute_weight(self.lm_head_DxV, dt), AdaptedWeight):
+            logits = project(hidden_BxTxD, head)  # a LoRA training pass with dropout
         else:
-            logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head_DxV[...].astype(dt))
+            logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, head)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"), self.mesh_rules)
 
     def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None) -> jax.Array:

@@ -6,11 +6,20 @@ B [rank, out]. B starts at zero, so a fresh adapter reproduces the base exactly;
 model has no checkpoint name for, such as a scalar head) are trained: they are the train state's
 `params`, so the optimizer holds moments for them alone; the base rides along frozen.
 
-Adapters are applied as merged weights: the model runs on W' (computed inside the jitted step), so
-models/llama.py and the sampler are unchanged and the sampler's weights are simply the merged ones.
-The cost is one weight-sized product per targeted matrix per step, and its gradient passes through
-a weight-sized dL/dW' on the way to dA, dB. Dropout on the adapter's input cannot be expressed on
-merged weights, so `dropout` must be 0 for now (the key exists so configs and PEFT exports carry it).
+Adapters are applied as merged weights wherever no gradient is taken and whenever `dropout` is 0: the
+model runs on W' (computed inside the jitted step), so the sampler's weights are simply the merged ones.
+The cost is one weight-sized product per targeted matrix per step, and its gradient passes through a
+weight-sized dL/dW' on the way to dA, dB.
+
+Dropout on the adapter's input (PEFT's `lora_dropout`) cannot be expressed on merged weights, so a
+training pass with `dropout` > 0 runs each targeted weight unmerged instead (`unmerged`, an
+`AdaptedWeight` in place of W, which models/llama.py's `project` understands):
+
+    y = x W + (alpha / rank) · (dropout(x) A) B
+
+with one keep mask per weight and pass, drawn from a key the train step splits off its state's RNG (so
+a resumed run draws the same masks). Sampling, evaluation, reference log-probs and exports use the
+merged weights with no dropout, as PEFT does in eval mode.
 
 Targets are matched as PEFT matches `target_modules`: a Hugging Face module name (the checkpoint name
 without `.weight`, e.g. `model.layers.3.self_attn.q_proj`) is adapted when it equals a target or ends
@@ -27,7 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from models import families
 from models.config import ModelConfig
@@ -51,7 +60,7 @@ class LoraConfig:
 
     rank: int = 8  # r: inner dimension of each adapter
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapter's input; must be 0 (adapters run as merged weights)
+    dropout: float = 0.0  # probability of zeroing each input of an adapter in training passes (PEFT's lora_dropout)
     targets: tuple[str, ...] = DEFAULT_TARGETS  # HF module names or suffixes, as PEFT's target_modules
 
     def __post_init__(self):
@@ -59,9 +68,8 @@ class LoraConfig:
             raise LoraConfigError(f"model.lora.rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
             raise LoraConfigError(f"model.lora.alpha must be > 0, got {self.alpha!r}")
-        if self.dropout != 0:
-            raise LoraConfigError(f"model.lora.dropout must be 0, got {self.dropout!r}: cairl applies adapters as "
-                                  f"merged weights, where input dropout cannot be expressed")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise LoraConfigError(f"model.lora.dropout must be a probability in [0, 1), got {self.dropout!r}")
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise LoraConfigError(f"model.lora.targets must be a non-empty list of module names (e.g. "
                                   f"{list(DEFAULT_TARGETS)}), got {self.targets!r}")
@@ -175,3 +183,53 @@ def adapters(trainable: nnx.State) -> dict[ParamPath, tuple[jax.Array, jax.Array
     flat = dict(nnx.to_flat_state(trainable))
     return {p[:-1]: (v[...], flat[p[:-1] + ("lora_b",)][...]) for p, v in flat.items() if p[-1] == "lora_a"}
 
+
+@struct.dataclass
+class AdaptedWeight:
+    """A targeted weight with its adapter kept apart, for a training pass with dropout: models/llama.py's
+    `project` computes x W + scale · (dropout(x) A) B from it. Each weight has its own `key`, so every
+    projection drops its own inputs, as PEFT's per-module dropout does (q, k and v share an input but not
+    a mask)."""
+
+    w_IxO: jax.Array
+    a_IxR: jax.Array
+    b_RxO: jax.Array
+    key: jax.Array  # raw uint32[2]: this weight's dropout mask in this pass
+    scale: float = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False)
+
+    def astype(self, dtype) -> "AdaptedWeight":
+        """Base and adapter in `dtype` (the compute dtype), as a plain weight is cast before its product."""
+        return self.replace(w_IxO=self.w_IxO.astype(dtype), a_IxR=self.a_IxR.astype(dtype),
+                            b_RxO=self.b_RxO.astype(dtype))
+
+    def flatten_input(self, fan_in: int) -> "AdaptedWeight":
+        """The input dims of W and A as one (o_proj's N×H heads), the layout `project` contracts."""
+        return self.replace(w_IxO=self.w_IxO.reshape(fan_in, *self.w_IxO.shape[self.a_IxR.ndim - 1:]),
+                            a_IxR=self.a_IxR.reshape(fan_in, self.a_IxR.shape[-1]))
+
+    def drop(self, x_BxTxI: jax.Array) -> jax.Array:
+        """Inverted dropout of the adapter's input: each element zeroed with probability `dropout`, the
+        rest scaled by 1 / (1 − dropout) so the expected input is unchanged."""
+        if self.dropout == 0:
+            return x_BxTxI
+        keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x_BxTxI.shape)
+        return jnp.where(keep, x_BxTxI / (1.0 - self.dropout), 0).astype(x_BxTxI.dtype)
+
+
+def unmerged(frozen: nnx.State, trainable: nnx.State, spec: LoraSpec, dropout_key: jax.Array) -> nnx.State:
+    """The parameter state a training pass with dropout runs on: like `merge`, but each targeted weight is
+    an `AdaptedWeight` holding W, A, B and its own key split off `dropout_key` (one split for all, in
+    `spec.targets` order, rather than hundreds of fold-ins)."""
+    flat = dict(nnx.to_flat_state(trainable))
+    keys = jax.random.split(dropout_key, len(spec.targets))
+    key_of = {lm_path: keys[i] for i, (lm_path, _) in enumerate(spec.targets)}
+    leaves = []
+    for path, weight in nnx.to_flat_state(frozen):
+        if path + ("lora_a",) in flat:
+            weight = weight.replace(AdaptedWeight(
+                w_IxO=weight[...], a_IxR=flat[path + ("lora_a",)][...], b_RxO=flat[path + ("lora_b",)][...],
+                key=key_of[_lm_path(path)], scale=spec.config.scale, dropout=spec.config.dropout))
+        leaves.append((path, weight))
+    leaves += [(p, v) for p, v in flat.items() if p[-1] not in ("lora_a", "lora_b")]
+    return nnx.from_flat_state(leaves)

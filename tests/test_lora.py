@@ -1,6 +1,7 @@
 """LoRA (models/lora.py) on a frozen base: zero adapters are the base, an SFT step trains only the
 adapters, adapters are sharded by the weights' rules, and both exports (merged HF weights, PEFT adapter)
-load in transformers / peft with our logits."""
+load in transformers / peft with our logits. LoRA dropout: training passes run the adapters unmerged with
+masks from the state's RNG (reproducible, resumable), inference stays on the merged weights."""
 
 import json
 
@@ -21,9 +22,10 @@ from models.sources import build_llama, host_params
 from models.tokenizer import load_tokenizer
 from test_model import random_params
 from test_steps import EPS, mesh_rules_for, rm_batch, sft_batch
+from trainer import losses
 from trainer.optim import OptimizerConfig
-from trainer.state import train_state_from_model, train_state_from_params
-from trainer.steps import make_rm_step, make_sft_step
+from trainer.state import create_train_state, train_state_from_model, train_state_from_params
+from trainer.steps import make_rm_step, make_sft_step, sequence_scores, sft_loss
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENS = np.array([[5, 17, 99, 3, 42, 64, 7, 120, 11, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
@@ -54,8 +56,10 @@ def test_config_validation_names_the_key():
         lora.LoraConfig(rank=0)
     with pytest.raises(lora.LoraConfigError, match="model.lora.alpha"):
         lora.LoraConfig(alpha=0)
-    with pytest.raises(lora.LoraConfigError, match="model.lora.dropout"):
-        lora.LoraConfig(dropout=0.1)
+    for bad in (1.0, -0.1, 1.5, True, "0.1"):
+        with pytest.raises(lora.LoraConfigError, match=r"model.lora.dropout must be a probability in \[0, 1\)"):
+            lora.LoraConfig(dropout=bad)
+    assert lora.LoraConfig(dropout=0.1).dropout == 0.1 and lora.LoraConfig(dropout=0).dropout == 0
     with pytest.raises(lora.LoraConfigError, match="model.lora.targets"):
         lora.LoraConfig(targets="q_proj")
 
@@ -93,12 +97,14 @@ def test_zero_initialised_adapters_reproduce_the_base_exactly_and_shard_like_the
     assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 3 * sum(v.size for v in flat.values()) + 8
 
 
-def test_lora_sft_step_lowers_the_loss_and_leaves_the_base_bit_unchanged():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_sft_step_lowers_the_loss_and_leaves_the_base_bit_unchanged(dropout):
     config = _config()
     mesh_rules = mesh_rules_for((2, 2, 2))
-    spec = lora.resolve(config, lora.LoraConfig(rank=4, targets=ALL_LINEAR))
+    spec = lora.resolve(config, lora.LoraConfig(rank=4, targets=ALL_LINEAR, dropout=dropout))
     state = _lora_state(config, spec, mesh_rules)
     base_before = host_params(state.frozen)
+    rng_before = np.asarray(state.rng)
     step = make_sft_step(state, mesh_rules)
     batch = sft_batch()
     losses = []
@@ -111,6 +117,26 @@ def test_lora_sft_step_lowers_the_loss_and_leaves_the_base_bit_unchanged():
     for path, w in base_before.items():
         assert np.array_equal(base_after[path], w), path
     assert any(np.abs(b).max() > 0 for (_, b) in lora.adapters(state.params).values())
+    # Dropout draws its masks from the state's RNG; without dropout the RNG is untouched, as before.
+    assert np.array_equal(np.asarray(state.rng), rng_before) == (dropout == 0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_step_with_remat_equals_the_step_without(dropout):
+    """model.remat recomputes each block in the backward pass; with a frozen base from outside the gradient's
+    trace (and, with dropout, the same masks recomputed) the update is the one without remat."""
+    updates = []
+    for remat in (False, True):
+        config = _config().replace(remat=remat)
+        mesh_rules = mesh_rules_for((1, 1, 1))
+        spec = lora.resolve(config, lora.LoraConfig(rank=4, targets=ALL_LINEAR, dropout=dropout))
+        state = _with_random_b(_lora_state(config, spec, mesh_rules))
+        state, _ = make_sft_step(state, mesh_rules)(state, sft_batch())
+        updates.append(host_params(state.params))
+    for path, value in updates[0].items():
+        # Adam steps are ±lr (1e-2) per element: another mask would move many elements by that much, where
+        # recomputation's float reordering moves a few by ~1e-5.
+        np.testing.assert_allclose(updates[1][path], value, atol=1e-4, rtol=0, err_msg=str(path))
 
 
 def test_lora_preference_model_trains_its_head_in_full():
@@ -133,6 +159,164 @@ def test_lora_preference_model_trains_its_head_in_full():
     for _ in range(3):
         state, metrics = step(state, rm_batch())
     assert float(metrics["loss"]) < float(first["loss"])
+
+
+# ------------------------------------------------------------------------------------------ LoRA dropout
+
+
+def _sft_arrays():
+    batch = {k: jnp.asarray(v) for k, v in sft_batch().items()}
+    return batch, {"tokens": jnp.sum(batch["loss_mask_BxT"].astype(jnp.float32))}
+
+
+@pytest.mark.parametrize("layers", [{}, {"scan_layers": True}, {"remat": True}])
+def test_unmerged_training_pass_without_dropout_equals_the_merged_weights(layers):
+    """The unmerged path (x W + s·(x A) B) with a keep-all mask is the merged model (W + s·A B), on every
+    kind of projection: q/k/v, o (heads flattened), the MLP and an untied lm_head; blocks looped, scanned
+    or rematerialised."""
+    config = _config(tie=False).replace(**layers)
+    spec = lora.resolve(config, lora.LoraConfig(rank=4, alpha=8.0, targets=(*ALL_LINEAR, "lm_head"), dropout=0.0))
+    state = _with_random_b(_lora_state(config, spec, mesh_rules_for((1, 1, 1))))
+    key = jax.random.PRNGKey(7)
+    tokens = jnp.asarray(TOKENS)
+    merged, apart = state.model()(tokens), state.model(state.params, key)(tokens)
+    assert np.abs(np.asarray(merged) - np.asarray(state.model(state.params)(tokens))).max() == 0
+    np.testing.assert_allclose(np.asarray(apart), np.asarray(merged), atol=1e-4, rtol=0)  # fp32 sums, |logits| ~ 10
+    batch, totals = _sft_arrays()
+    loss_merged, _ = sft_loss(state.params, state, batch, totals)
+    loss_apart, _ = sft_loss(state.params, state, batch, totals, key)
+    assert abs(float(loss_apart) - float(loss_merged)) < 1e-5
+
+
+def test_dropout_masks_follow_the_key():
+    config = _config(tie=False)
+    spec = lora.resolve(config, lora.LoraConfig(rank=4, targets=(*ALL_LINEAR, "lm_head"), dropout=0.3))
+    state = _with_random_b(_lora_state(config, spec, mesh_rules_for((1, 1, 1))))
+    batch, totals = _sft_arrays()
+    loss = jax.jit(lambda params, key: sft_loss(params, state, batch, totals, key)[0])
+    first, again, other = (float(loss(state.params, jax.random.PRNGKey(k))) for k in (1, 1, 2))
+    merged = float(sft_loss(state.params, state, batch, totals)[0])
+    assert first == again  # the same key: the same masks, bit for bit
+    assert abs(first - other) > 1e-4 and abs(first - merged) > 1e-4, (first, other, merged)
+
+
+def test_inference_with_dropout_configured_runs_the_merged_weights():
+    """Sampling and no-gradient passes (log-probs, evaluation) ignore model.lora.dropout: the same adapters
+    with dropout 0.5 and with 0 give bit-identical outputs."""
+    from models.generation import Sampler
+    from models.sampling import SamplingParams
+    from trainer.ppo import make_token_fn
+    from trainer.steps import make_rm_eval
+
+    config = _config()
+    mesh_rules = mesh_rules_for((1, 1, 1))
+    with_dropout, without = (_with_random_b(_lora_state(config, lora.resolve(config, lora.LoraConfig(
+        rank=4, targets=ALL_LINEAR, dropout=rate)), mesh_rules)) for rate in (0.5, 0.0))
+    tokens, mask = jnp.asarray(TOKENS), jnp.ones(TOKENS.shape, bool)
+    logprobs = [np.asarray(make_token_fn(s, mesh_rules, "logprobs")(s, tokens, mask)) for s in (with_dropout, without)]
+    np.testing.assert_array_equal(*logprobs)
+    np.testing.assert_array_equal(np.asarray(with_dropout.model()(tokens)), np.asarray(without.model()(tokens)))
+    prompts, greedy = [[5, 17, 99], [1, 2]], SamplingParams(max_new_tokens=6)
+    samples = [Sampler(s.model(), stop_ids=[1], pad_id=0).generate(prompts, greedy) for s in (with_dropout, without)]
+    np.testing.assert_array_equal(samples[0].tokens, samples[1].tokens)
+    np.testing.assert_array_equal(samples[0].policy_logprobs, samples[1].policy_logprobs)
+
+    spec = lora.resolve(config, lora.LoraConfig(rank=2, dropout=0.5))
+    scalar = create_train_state(lambda r: ScalarModel(config, r, mesh_rules), OptimizerConfig(), mesh_rules, lora=spec)
+    scalar = _with_random_b(scalar)
+    evaluate = make_rm_eval(scalar, mesh_rules)
+    batch = rm_batch()
+    ref = scalar.model()
+    chosen = sequence_scores(ref, jnp.asarray(batch["chosen_tokens_BxT"]), jnp.asarray(batch["chosen_mask_BxT"]))
+    rejected = sequence_scores(ref, jnp.asarray(batch["rejected_tokens_BxT"]), jnp.asarray(batch["rejected_mask_BxT"]))
+    want = np.sum(np.asarray(losses.bradley_terry_loss(chosen, rejected, jnp.asarray(batch["p_chosen_B"]))))
+    np.testing.assert_allclose(float(evaluate(scalar, batch)["bt_loss"]), want, rtol=1e-6)
+
+
+def _dropout_policy_and_value(mesh_rules, dropout, lr=1e-3):
+    config = _config()
+    opt = OptimizerConfig(learning_rate=lr, eps=EPS)
+    policy_spec = lora.resolve(config, lora.LoraConfig(rank=2, targets=ALL_LINEAR, dropout=dropout))
+    value_spec = lora.resolve(config, lora.LoraConfig(rank=2, dropout=dropout))
+    policy = _with_random_b(create_train_state(lambda r: Llama(config, r, mesh_rules), opt, mesh_rules, 0, policy_spec))
+    value = _with_random_b(create_train_state(lambda r: ScalarModel(config, r, mesh_rules), opt, mesh_rules, 1,
+                                              value_spec))
+    return policy, value
+
+
+def _update_with_dropout(algorithm, mesh_rules, dropout=0.2):
+    """(state, jitted step, batch) of one policy update with LoRA dropout: PPO (policy and value), GRPO or DPO."""
+    from test_dpo import pair_batch
+    from test_steps import ppo_batch
+    from trainer.dpo import DPOConfig, make_dpo_step
+    from trainer.grpo import GroupConfig, GroupState, make_group_step
+    from trainer.ppo import PPOConfig, create_ppo_state, make_ppo_step
+
+    policy, value = _dropout_policy_and_value(mesh_rules, dropout)
+    if algorithm == "ppo":
+        config = PPOConfig(epochs=1, minibatches=2)  # two minibatch updates: two masks per state
+        state = create_ppo_state(policy, value, config.kl)
+        return state, make_ppo_step(state, config, mesh_rules), ppo_batch()
+    if algorithm == "grpo":
+        state = GroupState(policy=policy)
+        return state, make_group_step(state, "grpo", GroupConfig(epochs=1), 8, mesh_rules), ppo_batch()
+    reference_B = np.full(8, -40.0, np.float32)
+    batch = {**pair_batch(), "ref_chosen_B": reference_B, "ref_rejected_B": reference_B}
+    return policy, make_dpo_step(policy, DPOConfig(), mesh_rules), batch
+
+
+def _roles(state):
+    """The train states inside a PPO / GRPO state, or the state itself."""
+    return [state.policy, state.value] if hasattr(state, "value") else [getattr(state, "policy", state)]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dpo"])
+def test_policy_updates_with_dropout_draw_masks_from_the_state_rng(algorithm):
+    """Each update draws its masks from its train states' RNGs, which advance; the same state and batch give
+    bit-identical results."""
+    state, step, batch = _update_with_dropout(algorithm, mesh_rules_for((2, 1, 1)))
+    same_state = jax.tree.map(jnp.copy, state)  # the step donates its input
+    rngs_before = [np.asarray(role.rng) for role in _roles(state)]
+    first, metrics = step(state, batch)
+    assert float(metrics["skipped"]) == 0
+    assert all(not np.array_equal(a, np.asarray(role.rng)) for a, role in zip(rngs_before, _roles(first)))
+    again, _ = step(same_state, batch)
+    for role, same in zip(_roles(first), _roles(again)):
+        np.testing.assert_equal(host_params(role.params), host_params(same.params))
+
+
+def test_sft_with_dropout_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
+    """The masks come from the checkpointed RNG: 2 steps, save, restore into a fresh state, 2 steps ends
+    exactly where 4 straight steps do."""
+    from trainer.checkpoint import CheckpointConfig, Checkpointer
+
+    config = _config()
+    mesh_rules = mesh_rules_for((2, 1, 1))
+    spec = lora.resolve(config, lora.LoraConfig(rank=4, targets=ALL_LINEAR, dropout=0.25))
+    optimizer = OptimizerConfig(learning_rate=1e-2, eps=EPS, decay="constant")
+    factory = lambda r: Llama(config, r, mesh_rules)  # noqa: E731
+    batches = [sft_batch(seed=i) for i in range(4)]
+
+    straight = create_train_state(factory, optimizer, mesh_rules, 0, spec)
+    step, state = make_sft_step(straight, mesh_rules), jax.tree.map(jnp.copy, straight)  # steps donate their input
+    # Shapes and shardings only: what a new process restores into (the same static fields, so one compiled step).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), straight)
+    for batch in batches:
+        straight, _ = step(straight, batch)
+
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1)) as ckpt:
+        ckpt.save(2, state, {"data_position": 2}, force=True)
+        ckpt.wait()
+    del state
+    with Checkpointer(tmp_path) as reader:
+        resumed, extras = reader.restore(abstract)
+    assert extras == {"data_position": 2}
+    for batch in batches[2:]:
+        resumed, _ = step(resumed, batch)
+    for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.fixture(scope="module")
@@ -169,14 +353,25 @@ def test_merged_export_and_peft_adapter_match_our_model_in_transformers(family, 
     np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
 
 
+def test_peft_adapter_config_carries_the_configured_dropout(tmp_path):
+    config = _config()
+    spec = lora.resolve(config, lora.LoraConfig(rank=2, targets=("q_proj",), dropout=0.1))
+    state = _lora_state(config, spec, mesh_rules_for((1, 1, 1)))
+    adapter_dir = export_adapter(tmp_path / "adapter", host_params(state.params), spec, base_model="base")
+    written = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert written["lora_dropout"] == 0.1 and written["r"] == 2
+
+
 def config_vocab(model_dir) -> int:
     return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
 @pytest.mark.slow  # compiles SFT, RM and PPO steps: about a minute on 2 cores
-def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path, dropout):
     """sl → rm → ppo through the learner (no Ray) with model.lora on a Qwen2 model: each stage's state
-    trains adapters only, later stages start from the merged weights, and a new process restores them."""
+    trains adapters only, later stages start from the merged weights, and a new process restores them.
+    With dropout the training passes run unmerged; what peft loads (no dropout at inference) is unchanged."""
     from pathlib import Path
 
     from pipeline_fixtures import write_tiny_model
@@ -190,7 +385,8 @@ def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     config = load_run_config(root / "configs" / "tiny.yaml", [
         f"model.source={model_dir}", f"run.runs_dir={tmp_path / 'runs'}", "ppo.batch_size=2",
-        "model.lora.rank=2", "model.lora.targets=[q_proj, v_proj, down_proj]", "sl.optimizer.learning_rate=0.01"])
+        "model.lora.rank=2", "model.lora.targets=[q_proj, v_proj, down_proj]", "sl.optimizer.learning_rate=0.01",
+        f"model.lora.dropout={dropout}"])
     run_dir = config.run_dir
     run_dir.mkdir(parents=True)
     learner = Learner(config, str(run_dir))
@@ -214,7 +410,8 @@ def test_every_stage_trains_adapters_on_a_frozen_qwen2_and_resumes(tmp_path):
     # The SL adapters alone, in PEFT's layout: peft puts them on the initial model and gets our SL policy.
     torch, transformers, peft = (pytest.importorskip(m) for m in ("torch", "transformers", "peft"))
     adapter_dir = run_dir / "adapters" / "sl"
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    sl_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert sl_config["base_model_name_or_path"] == str(model_dir) and sl_config["lora_dropout"] == dropout
     with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
                                                   adapter_dir).eval()
     tokens = TOKENS % config_vocab(model_dir)
@@ -297,6 +494,10 @@ def test_run_config_reads_model_lora_and_names_a_bad_key():
     assert config.model.lora == lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",))
     with pytest.raises(ConfigError, match="model.lora.rank must be a positive integer"):
         load_run_config(tiny, ["model.lora.rank=0"])
+    assert load_run_config(tiny, ["model.lora.dropout=0.05"]).model.lora.dropout == 0.05
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(ConfigError, match=r"model.lora.dropout must be a probability in \[0, 1\)"):
+            load_run_config(tiny, [f"model.lora.dropout={bad}"])
     with pytest.raises(ConfigError, match="unknown key 'rnak'.*did you mean 'rank'"):
         load_run_config(tiny, ["model.lora.rnak=4"])
 

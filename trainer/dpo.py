@@ -24,7 +24,7 @@ from models.errors import UserError
 from models.sharding import MeshRules
 from trainer import losses
 from trainer.distributed import gather_to_host, put_batch
-from trainer.state import TrainState, apply_update, state_shardings
+from trainer.state import TrainState, apply_update, split_dropout_key, state_shardings
 from trainer.steps import (Batch, _finish, accumulate_gradients, batch_sharding, check_accumulation, compile_step,
                            constrain_batch, replicated, token_logprobs_and_entropy)
 
@@ -86,8 +86,9 @@ def _pair_terms(config: DPOConfig, model, batch: Batch) -> dict[str, jax.Array]:
             "agree_B": agree_B, "decided_B": decided_B}
 
 
-def dpo_loss_fn(config: DPOConfig, params, state: TrainState, batch: Batch, totals: dict):
-    terms = _pair_terms(config, state.model(params), batch)
+def dpo_loss_fn(config: DPOConfig, params, state: TrainState, batch: Batch, totals: dict,
+                dropout_key: jax.Array | None = None):
+    terms = _pair_terms(config, state.model(params, dropout_key), batch)
     n = totals["pairs"]
     loss = jnp.sum(terms["loss_B"]) / n
     return loss, {"preference_loss": loss,
@@ -116,8 +117,9 @@ def make_dpo_step(state: TrainState, config: DPOConfig, mesh_rules: MeshRules):
         batch = constrain_batch({k: batch[k] for k in DPO_BATCH_KEYS}, mesh_rules)
         check_accumulation(mesh_rules, batch["p_chosen_B"].shape[0], accum, "DPO batch size")
         totals = _totals(batch)
-        loss_fn = lambda p, b, t: dpo_loss_fn(config, p, state, b, t)  # noqa: E731
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
+        state, dropout_key = split_dropout_key(state)
+        loss_fn = lambda p, b, t, k: dpo_loss_fn(config, p, state, b, t, k)  # noqa: E731
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules, dropout_key)
         state, update_stats = apply_update(state, grads, loss)
         return _finish(state, update_stats, {"loss": loss, **aux})
 

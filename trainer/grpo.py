@@ -26,7 +26,7 @@ from flax import struct
 from models.errors import UserError
 from models.sharding import MeshRules
 from trainer import losses
-from trainer.state import TrainState, apply_update, state_shardings
+from trainer.state import TrainState, apply_update, split_dropout_key, state_shardings
 from trainer.steps import (Batch, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
                            replicated, token_logprobs_and_entropy)
 
@@ -71,8 +71,9 @@ def advantage_kind(algorithm: str, config: GroupConfig) -> str:
     return "dr_grpo" if config.dr_grpo else "grpo"
 
 
-def group_loss(params, state: TrainState, config: GroupConfig, mb: Batch, totals: dict):
-    logprob_BxT, entropy_BxT = token_logprobs_and_entropy(state.model(params), mb["tokens_BxT"],
+def group_loss(params, state: TrainState, config: GroupConfig, mb: Batch, totals: dict,
+               dropout_key: jax.Array | None = None):
+    logprob_BxT, entropy_BxT = token_logprobs_and_entropy(state.model(params, dropout_key), mb["tokens_BxT"],
                                                           mb["attention_mask_BxT"])
     mask = mb["response_mask_BxT"]
     loss, stats = losses.group_policy_loss(logprob_BxT, mb["old_logprobs_BxT"], mb["ref_logprobs_BxT"],
@@ -100,8 +101,10 @@ def group_update(algorithm: str, config: GroupConfig, max_new_tokens: int, mesh_
     totals = {"tokens": tokens, "denominator": denominator}
 
     def epoch(policy: TrainState, _):
-        loss, aux, grads = accumulate_gradients(lambda p, b, t: group_loss(p, policy, config, b, t), policy.params,
-                                                batch, totals, policy.grad_accum_steps, mesh_rules)
+        policy, dropout_key = split_dropout_key(policy)
+        loss, aux, grads = accumulate_gradients(lambda p, b, t, k: group_loss(p, policy, config, b, t, k),
+                                                policy.params, batch, totals, policy.grad_accum_steps, mesh_rules,
+                                                dropout_key)
         policy, update_stats = apply_update(policy, grads, loss)
         return policy, {"loss": loss, **aux, "grad_norm": update_stats["grad_norm"],
                         "policy_skipped": update_stats["skipped"]}

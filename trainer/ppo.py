@@ -33,7 +33,7 @@ from models.sharding import MeshRules
 from trainer import kl as klmod
 from trainer import losses
 from trainer.kl import KLConfig
-from trainer.state import TrainState, apply_update, state_shardings
+from trainer.state import TrainState, apply_update, split_dropout_key, state_shardings
 from trainer.steps import (Batch, accumulate_gradients, batch_sharding, check_accumulation, constrain_batch,
                            replicated, split_rows, token_logprobs_and_entropy)
 
@@ -129,8 +129,10 @@ def compute_advantages(config: PPOConfig, beta: jax.Array, batch: Batch) -> dict
 # ------------------------------------------------------------------------------------ the losses
 
 
-def policy_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: dict):
-    logprob_BxT, entropy_BxT = token_logprobs_and_entropy(state.model(params), mb["tokens_BxT"], mb["attention_mask_BxT"])
+def policy_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: dict,
+                dropout_key: jax.Array | None = None):
+    logprob_BxT, entropy_BxT = token_logprobs_and_entropy(state.model(params, dropout_key), mb["tokens_BxT"],
+                                                          mb["attention_mask_BxT"])
     if config.entropy_coef == 0:
         # Only a metric then: without this its (zero-weighted) gradient still costs a full pass over
         # the B×T×V probabilities, XLA being unable to drop a product with 0.0 (NaN·0 is not 0).
@@ -143,8 +145,9 @@ def policy_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals:
     return loss, {"policy_loss": surrogate_loss, "entropy": entropy, **stats}
 
 
-def value_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: dict):
-    values_BxT = token_values(state.model(params), mb["tokens_BxT"], mb["attention_mask_BxT"])
+def value_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: dict,
+               dropout_key: jax.Array | None = None):
+    values_BxT = token_values(state.model(params, dropout_key), mb["tokens_BxT"], mb["attention_mask_BxT"])
     loss, stats = losses.clipped_value_loss(values_BxT, mb["old_values_BxT"], mb["returns_BxT"],
                                             mb["response_mask_BxT"], config.value_clip, totals["tokens"])
     return config.vf_coef * loss, {"value_loss": loss, **stats}
@@ -156,14 +159,16 @@ def value_loss(params, state: TrainState, config: PPOConfig, mb: Batch, totals: 
 def _minibatch_update(config: PPOConfig, mesh_rules: MeshRules, state: PPOState, mb: Batch):
     mb = constrain_batch(mb, mesh_rules)
     totals = {"tokens": jnp.sum(mb["response_mask_BxT"].astype(jnp.float32))}
+    policy, p_dropout_key = split_dropout_key(state.policy)  # each minibatch update draws fresh LoRA masks
+    value, v_dropout_key = split_dropout_key(state.value)
     p_loss, p_aux, p_grads = accumulate_gradients(
-        lambda p, b, t: policy_loss(p, state.policy, config, b, t), state.policy.params, mb, totals,
-        state.policy.grad_accum_steps, mesh_rules)
+        lambda p, b, t, k: policy_loss(p, policy, config, b, t, k), policy.params, mb, totals,
+        policy.grad_accum_steps, mesh_rules, p_dropout_key)
     v_loss, v_aux, v_grads = accumulate_gradients(
-        lambda p, b, t: value_loss(p, state.value, config, b, t), state.value.params, mb, totals,
-        state.value.grad_accum_steps, mesh_rules)
-    policy, p_stats = apply_update(state.policy, p_grads, p_loss)
-    value, v_stats = apply_update(state.value, v_grads, v_loss)
+        lambda p, b, t, k: value_loss(p, value, config, b, t, k), value.params, mb, totals,
+        value.grad_accum_steps, mesh_rules, v_dropout_key)
+    policy, p_stats = apply_update(policy, p_grads, p_loss)
+    value, v_stats = apply_update(value, v_grads, v_loss)
     metrics = {**p_aux, **v_aux, "policy_grad_norm": p_stats["grad_norm"], "value_grad_norm": v_stats["grad_norm"],
                "policy_skipped": p_stats["skipped"], "value_skipped": v_stats["skipped"]}
     return state.replace(policy=policy, value=value), metrics

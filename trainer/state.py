@@ -7,7 +7,10 @@ transformation ride along as static fields: they are code, not data, and are nev
 
 With LoRA (models/lora.py) `params` holds only what is trained (the adapters, and a scalar model's
 head) and `frozen` the base weights, which no optimizer state mirrors; `model()` runs on the merged
-weights, so every loss written against `state.model(params)` trains the adapters unchanged.
+weights, so every loss written against `state.model(params)` trains the adapters unchanged. With LoRA
+dropout, a training pass takes `split_dropout_key(state)` and runs `state.model(params, dropout_key)`,
+the adapters unmerged with their inputs dropped out; the key comes from the state's checkpointed RNG,
+so a resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -42,8 +45,16 @@ class TrainState:
     frozen: nnx.State | None = None  # LoRA: the base weights, never updated; None: full fine-tuning
     lora: loralib.LoraSpec | None = struct.field(pytree_node=False, default=None)
 
-    def model(self, params: nnx.State | None = None) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.full_params(params))
+    def model(self, params: nnx.State | None = None, dropout_key: jax.Array | None = None) -> nnx.Module:
+        """The model on `params` (default: the state's own), LoRA adapters merged. With `dropout_key`
+        (a training pass; see `split_dropout_key`) each adapted weight runs unmerged instead, its
+        adapter's input dropped out at `model.lora.dropout` with masks drawn from the key."""
+        if dropout_key is None:
+            return nnx.merge(self.graphdef, self.full_params(params))
+        if self.lora is None:
+            raise ValueError("TrainState.model: a dropout key is for LoRA adapters, and this state has none")
+        params = self.params if params is None else params
+        return nnx.merge(self.graphdef, loralib.unmerged(self.frozen, params, self.lora, dropout_key))
 
     def full_params(self, params: nnx.State | None = None) -> nnx.State:
         """Every parameter of the model (LoRA: base + adapters merged): what samplers, later stages and
@@ -134,6 +145,16 @@ def train_state_from_params(graphdef: nnx.GraphDef, params: nnx.State, optimizer
         return _new_state(graphdef, jax.tree.map(jnp.copy, p), tx, seed, optimizer_config.grad_accum_steps, lora)
 
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), mesh_rules))(params)
+
+
+def split_dropout_key(state: TrainState) -> tuple[TrainState, jax.Array | None]:
+    """(state with its RNG advanced, the key of one training pass's LoRA dropout), or (state, None)
+    without LoRA dropout: the RNG is then left alone, so such runs draw exactly what they drew before
+    dropout existed, and take the merged-weights path."""
+    if state.lora is None or state.lora.config.dropout == 0:
+        return state, None
+    rng, dropout_key = jax.random.split(state.rng)
+    return state.replace(rng=rng), dropout_key
 
 
 def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array) -> tuple[TrainState, dict]:

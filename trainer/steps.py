@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from models.sharding import MeshRules
 from trainer import losses
 from trainer.mesh import MeshError, batch_shards, check_batch
-from trainer.state import TrainState, apply_update, state_shardings
+from trainer.state import TrainState, apply_update, split_dropout_key, state_shardings
 
 Batch = dict[str, jax.Array]
 
@@ -54,25 +54,30 @@ def split_rows(batch: Batch, pieces: int) -> Batch:
 
 
 def accumulate_gradients(loss_fn: Callable, params, batch: Batch, totals: dict, accum_steps: int,
-                         mesh_rules: MeshRules):
-    """Σ over micro-batches of (loss, aux, grads) of `loss_fn(params, micro_batch, totals)`.
+                         mesh_rules: MeshRules, dropout_key: jax.Array | None = None):
+    """Σ over micro-batches of (loss, aux, grads) of `loss_fn(params, micro_batch, totals, dropout_key)`.
 
     `loss_fn` must normalise by `totals` (whole-batch counts) so that the sums are whole-batch means.
+    `dropout_key` (LoRA dropout; None without) is split into one key per micro-batch, so that equal-sized
+    micro-batches do not share one mask.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (loss, aux), grads = grad_fn(params, batch, totals)
+        (loss, aux), grads = grad_fn(params, batch, totals, dropout_key)
         return loss, aux, grads
 
-    def body(carry, micro):
+    def body(carry, micro_and_key):
+        micro, key = micro_and_key
         micro = constrain_batch(micro, mesh_rules)
-        (loss, aux), grads = grad_fn(params, micro, totals)
+        (loss, aux), grads = grad_fn(params, micro, totals, key)
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
+    keys = None if dropout_key is None else jax.random.split(dropout_key, accum_steps)
     first = jax.tree.map(lambda x: x[0], split_rows(batch, accum_steps))
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, totals))
+    first_key = None if keys is None else keys[0]
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, totals, first_key))
     (loss, aux), grads = zeros
-    (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), split_rows(batch, accum_steps))
+    (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), (split_rows(batch, accum_steps), keys))
     return loss, aux, grads
 
 
@@ -114,8 +119,9 @@ def token_logprobs_and_entropy(model, tokens_BxT, attention_mask_BxT) -> tuple[j
     return losses.shift_right(logprob_BxT1), losses.shift_right(entropy_BxT1)
 
 
-def sft_loss(params, state: TrainState, batch: Batch, totals: dict):
-    logprob_BxT, _ = token_logprobs_and_entropy(state.model(params), batch["tokens_BxT"], batch["attention_mask_BxT"])
+def sft_loss(params, state: TrainState, batch: Batch, totals: dict, dropout_key: jax.Array | None = None):
+    model = state.model(params, dropout_key)
+    logprob_BxT, _ = token_logprobs_and_entropy(model, batch["tokens_BxT"], batch["attention_mask_BxT"])
     nll = losses.masked_nll(logprob_BxT, batch["loss_mask_BxT"], totals["tokens"])
     return nll, {"nll": nll}
 
@@ -131,8 +137,9 @@ def make_sft_step(state: TrainState, mesh_rules: MeshRules):
         batch = constrain_batch(batch, mesh_rules)
         check_accumulation(mesh_rules, batch["tokens_BxT"].shape[0], accum, "SFT batch size")
         totals = {"tokens": jnp.sum(batch["loss_mask_BxT"].astype(jnp.float32))}
-        loss_fn = lambda p, b, t: sft_loss(p, state, b, t)  # noqa: E731
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
+        state, dropout_key = split_dropout_key(state)
+        loss_fn = lambda p, b, t, k: sft_loss(p, state, b, t, k)  # noqa: E731
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules, dropout_key)
         state, update_stats = apply_update(state, grads, loss)
         return _finish(state, update_stats, {"loss": loss, **aux, "tokens": totals["tokens"]})
 
@@ -149,8 +156,8 @@ def sequence_scores(model, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Ar
     return jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
 
 
-def rm_loss(params, state: TrainState, batch: Batch, totals: dict):
-    model = state.model(params)
+def rm_loss(params, state: TrainState, batch: Batch, totals: dict, dropout_key: jax.Array | None = None):
+    model = state.model(params, dropout_key)
     chosen_B = sequence_scores(model, batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"])
     rejected_B = sequence_scores(model, batch["rejected_tokens_BxT"], batch["rejected_mask_BxT"])
     loss_B = losses.bradley_terry_loss(chosen_B, rejected_B, batch["p_chosen_B"])
@@ -179,8 +186,9 @@ def make_rm_step(state: TrainState, mesh_rules: MeshRules):
         batch = constrain_batch(batch, mesh_rules)
         check_accumulation(mesh_rules, batch["p_chosen_B"].shape[0], accum, "RM batch size")
         totals = _rm_totals(batch)
-        loss_fn = lambda p, b, t: rm_loss(p, state, b, t)  # noqa: E731
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules)
+        state, dropout_key = split_dropout_key(state)
+        loss_fn = lambda p, b, t, k: rm_loss(p, state, b, t, k)  # noqa: E731
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, totals, accum, mesh_rules, dropout_key)
         state, update_stats = apply_update(state, grads, loss)
         return _finish(state, update_stats, {"loss": loss, **aux})
 
