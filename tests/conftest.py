@@ -4,11 +4,22 @@ XLA_FLAGS must be set before JAX is imported anywhere, hence at the very top of 
 """
 
 import os
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from trainer.runtime import accelerator_plugin_installed, set_cpu_xla_flags  # noqa: E402 - imports no JAX
+
+# The tests check what programs compute, not how fast XLA:CPU's code runs: LLVM at -O0 halves the compile
+# time that dominates them (tiny models), and every process a test starts (cairl runs, Ray workers) inherits
+# it. Not where a TPU/GPU plugin is installed (the plan suite): there the flag would reach those compilers too.
+_FLAGS = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("XLA_FLAGS", _FLAGS if accelerator_plugin_installed() else
+                      f"{_FLAGS} --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from trainer.runtime import set_cpu_xla_flags  # noqa: E402
+# Many tests build the same jitted step afresh (new function objects, same program), in this process and in
+# the processes they start: one persistent compilation cache for all of them turns every repeat into a load.
+# The key is the program plus the JAX version and flags, so a hit is the same binary.
+os.environ.setdefault("CAIRL_JAX_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 set_cpu_xla_flags()  # the same XLA:CPU settings as a cairl process
 
@@ -16,6 +27,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["CAIRL_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
