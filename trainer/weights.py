@@ -88,13 +88,7 @@ class WeightCache:
         by_name = dict(zip(names, arrays))
         leaves = []
         for path, variable in self._flat:
-            name = path_name(path)
-            if name not in by_name:
-                raise ValueError(f"weights version {handle.version} lack parameter {name}")
-            array = by_name[name]
-            if tuple(array.shape) != tuple(variable.shape):
-                raise ValueError(f"weights version {handle.version}: {name} has shape {array.shape}, "
-                                 f"expected {variable.shape}")
+            array = _fitting(handle.version, path_name(path), by_name.get(path_name(path)), variable)
             leaves.append((path, variable.replace(jnp.asarray(array, dtype=variable.dtype))))
         self.version = handle.version
         self.fetches += 1
@@ -174,13 +168,7 @@ class LiveWeights:
         start = time.perf_counter()
         leaves = []
         for path, variable, sharding in self._template:
-            name = path_name(path)
-            if path not in offered:
-                raise ValueError(f"weights version {handle.version} lack parameter {name}")
-            array = offered[path]
-            if tuple(array.shape) != tuple(variable.shape):
-                raise ValueError(f"weights version {handle.version}: {name} has shape {array.shape}, "
-                                 f"expected {variable.shape}")
+            array = _fitting(handle.version, path_name(path), offered.get(path), variable)
             if array.dtype != variable.dtype:
                 array = array.astype(variable.dtype)
             leaves.append((path, variable.replace(jax.device_put(array, sharding))))
@@ -188,3 +176,12 @@ class LiveWeights:
         self.fetches += 1
         self.fetch_seconds += time.perf_counter() - start
         return nnx.from_flat_state(leaves)
+
+
+def _fitting(version: int, name: str, array, variable):
+    """`array` for the model's `variable` slot, or the error naming the parameter that is missing or misshapen."""
+    if array is None:
+        raise ValueError(f"weights version {version} lack parameter {name}")
+    if tuple(array.shape) != tuple(variable.shape):
+        raise ValueError(f"weights version {version}: {name} has shape {array.shape}, expected {variable.shape}")
+    return array
