@@ -54,6 +54,7 @@ def test_grpo_route_on_a_tiny_model(grpo_run):
     check_evaluation(grpo_run, metrics)  # base | SL | RL, the RL point at GRPO's final weights
     report = (grpo_run / "report.md").read_text()
     assert "## RL-CAI (GRPO)" in report and "Groups whose responses all scored the same" in report
+    assert "Final iteration: KL" in report and "β" not in report.split("Final iteration:")[1].split("\n")[0]
     assert (grpo_run / "hf" / "model.safetensors").is_file()
 
 

@@ -98,8 +98,10 @@ def _ppo_section(run_dir: Path, stages: dict, metrics: list[dict]) -> list[str]:
                   f"(change {delta:+.4f}).", ""]
     if ppo:
         last = ppo[-1]
-        lines += [f"Final iteration: KL {last.get('ppo/kl', float('nan')):.4f} nats/sequence, "
-                  f"β {last.get('ppo/beta', float('nan')):.4f}, entropy {last.get('ppo/entropy', float('nan')):.3f}, "
+        # β is PPO's KL-penalty coefficient; GRPO and RLOO put a fixed KL term in the loss and log none.
+        beta = f"β {last['ppo/beta']:.4f}, " if "ppo/beta" in last else ""
+        lines += [f"Final iteration: KL {last.get('ppo/kl', float('nan')):.4f} nats/sequence, {beta}"
+                  f"entropy {last.get('ppo/entropy', float('nan')):.3f}, "
                   f"stale results dropped {info.get('stale_dropped', 0)}, worker deaths {info.get('worker_deaths', 0)}.",
                   "", "![reward and KL](plots/ppo.png)", ""]
         if "ppo/degenerate_groups" in last:  # grpo / rloo
