@@ -83,6 +83,24 @@ class Member:
         return self.index
 
 
+def test_a_learner_killed_for_memory_is_explained_as_memory_not_a_traceback():
+    """Ray's memory monitor kills the learner when the machine runs low (e.g. two runs on one machine): the
+    driver's ray.get raises OutOfMemoryError, which is neither a task nor an actor error."""
+    import ray.exceptions as rex
+
+    from trainer.health import LearnerError, LearnerWatch
+
+    watch = LearnerWatch([object()], timeout_s=60, poll_s=60)  # no calls made: no Ray needed
+    try:
+        err = rex.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory. Memory on "
+                                   "the node was 22.29GB used / 23.59GB limit (0.945227)\nObject store ...")
+        explained = watch.explain_failure(err)
+        assert isinstance(explained, LearnerError)
+        assert "ran out of memory (1 worker(s) were killed" in str(explained) and "--resume" in str(explained)
+    finally:
+        watch.stop_watching()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     from trainer.ray_auth import private_token

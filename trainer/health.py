@@ -144,6 +144,12 @@ class LearnerWatch:
                 f"compile for minutes), then resume with cairl train --resume RUN_DIR")
         if isinstance(err, rex.RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
             return err.cause  # the learner found a user problem (e.g. diverged training): its own message
+        if isinstance(err, rex.OutOfMemoryError):  # Ray's memory monitor killed the learner: the machine's memory, not a bug
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            return LearnerError(
+                f"Ray stopped the learner because the machine ran out of memory ({first}). Free memory (another "
+                f"run or program on this machine?) or shrink the run (batch sizes, max_seq_len, model.remat: true, "
+                f"fewer rollout workers), then resume with cairl train --resume RUN_DIR")
         if len(self.handles) > 1 and isinstance(err, (rex.RayActorError, rex.RayTaskError)):
             self._await_peer_failure(self.GRACE_S)
         if self.peer_failed is not None and isinstance(err, (rex.RayActorError, rex.RayTaskError)):
