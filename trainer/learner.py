@@ -127,27 +127,14 @@ class Learner:
         others return None after taking part in gathering the weights). Colocated: offered in place, 0 bytes."""
         import time
 
-        import jax
-
-        from trainer.weights import publish
-
         start = time.perf_counter()
-        if self.live is not None:
-            return self.live.offer(version, self._policy_params(), time.perf_counter() - start)
-        params = self._host_policy_params()
-        return publish(version, params, time.perf_counter() - start) if jax.process_index() == 0 else None
+        return self._hand_over(version, self._policy_params(), start)
 
     def publish_stage(self, stage: str, version: int):
         """The policy a finished stage saved (checkpoints/<stage>-params; `base`: the initial model) in the
         object store as `version`, whatever stage is current (evaluation of base, SL and RL policies); put
         once, by process 0, like `publish`."""
         import time
-
-        import jax
-
-        from models.sources import host_params
-        from trainer.distributed import gather_to_host
-        from trainer.weights import publish
 
         start = time.perf_counter()
         if stage == "base":
@@ -157,6 +144,20 @@ class Learner:
             optimizer = {"sl": config.sl.optimizer, "ppo": config.ppo.policy_optimizer,
                          "dpo": config.dpo.optimizer}[stage]
             params = self.ctx.restore_params(stage, self.ctx.llama_factory(), optimizer)
+        return self._hand_over(version, params, start)
+
+    def _hand_over(self, version: int, params, start: float):
+        """`params` (device arrays) to the sampler as `version`: offered in place when colocated (0 bytes),
+        else gathered from every process (all must call) and put in the object store once, by process 0.
+        The handle's seconds count from `start` (perf_counter), so they include reading the weights."""
+        import time
+
+        import jax
+
+        from models.sources import host_params
+        from trainer.distributed import gather_to_host
+        from trainer.weights import publish
+
         if self.live is not None:
             return self.live.offer(version, params, time.perf_counter() - start)
         host = host_params(gather_to_host(params))
