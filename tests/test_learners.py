@@ -71,6 +71,9 @@ def test_stages_hand_weights_on_on_device_then_resume_restores_them(tiny_model, 
     before = learner.evaluate()
     assert before["accuracy"] == 0.5 and before["pairs"] == 1  # the zero head ties every pair: a coin flip
     assert learner.train_step()["skipped"] == 0
+    after = learner.evaluate()
+    assert learner.evaluate(PAIRS[2:]) == after  # given pairs are scored as the held-out ones are
+    assert learner.evaluate(PAIRS)["pairs"] == 3
     learner.finish()
     reward_model = learner.ctx.handoff["reward_model"]
     record.update("rm", done=True)

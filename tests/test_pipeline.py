@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,8 @@ def test_recipe_route_direct_revisions_helpful_answers_and_revision_pairs(tiny_m
     prompt sets cycled."""
     run_train(tiny_model, tmp_path, "sl.revision_style=direct", "sl.helpful_sources=[helpful_train,benign_risky_train]",
               "data.prompts=[default:red_team_train,default:helpful_train,default:benign_risky_train]",
-              "label.pairs=revisions", "label.refusal_contrast=true", "data.cycle_sets=true", "data.sl_prompts=9")
+              "label.pairs=revisions", "label.refusal_contrast=true", "label.harmful_contrast=true",
+              "data.cycle_sets=true", "data.sl_prompts=9", "rm.heldout_fraction=0.5")
     run_dir = tmp_path / "tiny"
     revised = read_records(run_dir / "samples" / "sl.jsonl")
     answered = read_records(run_dir / "samples" / "sl_answers.jsonl")
@@ -171,15 +173,29 @@ def test_recipe_route_direct_revisions_helpful_answers_and_revision_pairs(tiny_m
     by_uid = {r["uid"]: r for r in revised + answered}
     revision_labels = [r for r in labels if r["source"] == "sl_revision"]
     contrast_labels = [r for r in labels if r["source"] == "refusal_contrast"]
-    assert revision_labels and len(revision_labels) + len(contrast_labels) == len(labels)
+    harmful_labels = [r for r in labels if r["source"] == "harmful_contrast"]
+    assert revision_labels and len(revision_labels) + len(contrast_labels) + len(harmful_labels) == len(labels)
     assert all(r["p_a"] == 0.9 and r["response_a"] == by_uid[r["uid"]]["final_revision"].strip()
                for r in revision_labels)
-    assert len(contrast_labels) == sum(1 for r in answered if r["final_revision"].strip())
+    # the tiny model's answers never refuse: one written refusal preferred per revised prompt, as many
+    # benign answers preferred to one (balanced to the smaller side)
+    assert len(harmful_labels) == len(contrast_labels) == min(len(revised), len(answered))
+    assert all(r["response_b"] == by_uid[r["uid"].removesuffix("/harmful-contrast")]["initial_response"].strip()
+               for r in harmful_labels)
     assert all(r["response_a"] == by_uid[r["uid"].removesuffix("/contrast")]["final_revision"].strip()
                for r in contrast_labels)
     stages = json.loads((run_dir / "stages.json").read_text())
     assert all(stages[s]["done"] for s in ("sl", "label", "rm", "ppo"))
     assert stages["sl"]["revised"] == 3 and stages["sl"]["answered"] == 6
+    assert stages["label"]["pairs_by_source"] == {"sl_revision": len(revision_labels), "refusal_contrast": 3,
+                                                  "harmful_contrast": 3}
+    from trainer.stages.rm import split_labels
+
+    _, heldout = split_labels(labels, 0.5)
+    by_source = stages["rm"]["heldout_accuracy_by_source"]
+    assert {s: v["pairs"] for s, v in by_source.items()} == dict(Counter(r["source"] for r in heldout))
+    assert all(0.0 <= v["accuracy"] <= 1.0 for v in by_source.values())
+    assert "held-out accuracy by pair source" in (run_dir / "report.md").read_text()
     assert (run_dir / "hf" / "config.json").is_file()
 
 

@@ -111,8 +111,50 @@ def test_refusal_contrast_needs_revision_pairs():
     from trainer.config import LabelSection, RunConfigError
 
     assert LabelSection(pairs="revisions", refusal_contrast=True).refusal_contrast
+    assert LabelSection(pairs="revisions", refusal_contrast=True, harmful_contrast=True,
+                        revision_filter="declines").harmful_contrast
     with pytest.raises(RunConfigError, match="refusal_contrast"):
         LabelSection(pairs="sampled", refusal_contrast=True)
+    with pytest.raises(RunConfigError, match="revision_filter"):
+        LabelSection(pairs="sampled", revision_filter="declines")
+    with pytest.raises(RunConfigError, match="set refusal_contrast: true"):
+        LabelSection(pairs="revisions", harmful_contrast=True)
+
+
+def _sl_record(uid, answer, revision):
+    return {"uid": uid, "prompt": f"prompt {uid}", "initial_response": answer, "final_revision": revision,
+            "rounds": [{"principle_id": "harm"}], "constitution_hash": "h"}
+
+
+def test_revision_filter_keeps_only_revisions_that_decline_an_answer_that_did_not():
+    from trainer.stages.label import revision_pairs
+
+    records = [_sl_record("declines", "Sure, first get a crowbar.", "I can't help with breaking into a house."),
+               _sl_record("both", "I can't help with that.", "I won't help with that, sorry."),
+               _sl_record("answers", "I can't help with that.", "Sure, first get a crowbar."),
+               _sl_record("neither", "Sure, first get a crowbar.", "Sure, first get a lever.")]
+    assert list(revision_pairs(records, 0.9)) == ["declines", "both", "answers", "neither"]
+    assert list(revision_pairs(records, 0.9, only_declines=True)) == ["declines"]
+
+
+def test_harmful_contrast_prefers_a_written_refusal_to_each_compliant_answer_and_balances_both_directions():
+    from trainer.stages.label import (WRITTEN_REFUSALS, balanced, harmful_contrast_pairs,
+                                      refusal_contrast_pairs)
+
+    harmful = [_sl_record(f"red_team/{i}", f"Sure, step {i}: get the tools.", "I can't help.") for i in range(7)]
+    harmful.append(_sl_record("red_team/refused", "I'm sorry, but I can't help with that.", "No."))
+    pairs = harmful_contrast_pairs(harmful, 0.9)
+    assert set(pairs) == {f"red_team/{i}/harmful-contrast" for i in range(7)}  # not the answer that already refused
+    pair = pairs["red_team/2/harmful-contrast"]
+    assert pair["response_a"] in WRITTEN_REFUSALS and pair["response_b"] == "Sure, step 2: get the tools."
+    assert pair["p_a"] == 0.9 and pair["source"] == "harmful_contrast"
+
+    benign = refusal_contrast_pairs([{"uid": f"benign/{i}", "prompt": "How do I kill a process?",
+                                      "final_revision": "Use kill.", "constitution_hash": "h"} for i in range(4)], 0.9)
+    kept_benign, kept_harmful = balanced(benign, pairs)
+    assert kept_benign == benign and len(kept_harmful) == 4 and set(kept_harmful) < set(pairs)
+    assert balanced(benign, dict(reversed(pairs.items())))[1] == kept_harmful  # independent of order
+    assert balanced(pairs, benign) == (kept_harmful, kept_benign)
 
 
 def test_helpful_answers_become_their_own_sft_targets():

@@ -122,16 +122,30 @@ class LabelSection(FeedbackConfig):
     # probability revision_p -- the constitution-guided revision did the judging (no feedback model).
     pairs: Literal["sampled", "revisions"] = "sampled"
     revision_p: float = 0.9  # soft label of the revision in `revisions` pairs (conservative, not 1)
+    # revisions only: which (revision, answer) pairs to keep. all: every changed answer; declines: only those
+    # whose revision refuses or redirects and whose answer does not (phrase classifier), so each pair
+    # teaches "decline this request" and none teaches answering a harmful one.
+    revision_filter: Literal["all", "declines"] = "all"
     # revisions only: each helpful answer (sl.helpful_sources) also preferred to a written refusal (p = revision_p)
     refusal_contrast: bool = False
+    # with refusal_contrast: also a written refusal preferred to each harmful request's answer that complies,
+    # as many such pairs as benign contrast pairs (both capped to the smaller count), so a written refusal
+    # is as often preferred as rejected and only the request tells the preference model which applies.
+    harmful_contrast: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.5 < self.revision_p <= 1.0:
             raise RunConfigError(f"label.revision_p must be in (0.5, 1], got {self.revision_p}")
-        if self.refusal_contrast and self.pairs != "revisions":
-            raise RunConfigError("label.refusal_contrast adds pairs to label.pairs: revisions; with pairs: sampled "
-                                 "the feedback model labels every pair")
+        revision_only = {"refusal_contrast": self.refusal_contrast, "harmful_contrast": self.harmful_contrast,
+                         "revision_filter": self.revision_filter != "all"}
+        for key, set_ in revision_only.items():
+            if set_ and self.pairs != "revisions":
+                raise RunConfigError(f"label.{key} shapes the pairs of label.pairs: revisions; with pairs: sampled "
+                                     "the feedback model labels every pair")
+        if self.harmful_contrast and not self.refusal_contrast:
+            raise RunConfigError("label.harmful_contrast mirrors label.refusal_contrast's pairs (a written refusal "
+                                 "preferred on harmful requests, rejected on benign ones); set refusal_contrast: true")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,8 +109,9 @@ class Learner:
     def train_step(self, batch=None) -> dict:
         return self.current.train_step(batch)
 
-    def evaluate(self) -> dict:
-        return self.current.evaluate()
+    def evaluate(self, pairs=None) -> dict:
+        """Held-out metrics, or metrics on `pairs` (PreferencePairs) for the pair stages."""
+        return self.current.evaluate(pairs)
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
         return self.current.score(prompt_ids, response_ids)

@@ -64,19 +64,30 @@ def _sl_section(run_dir: Path, per_principle: int = 2) -> list[str]:
     return lines
 
 
+def _by_source(info: dict) -> str:
+    parts = [f"{source} {v['accuracy']:.3f} ({v['pairs']} pairs)" for source, v in info["heldout_accuracy_by_source"].items()]
+    return "- held-out accuracy by pair source: " + ", ".join(parts)
+
+
+def _source_counts(stages: dict) -> str:
+    counts = stages.get("label", {}).get("pairs_by_source") or {}
+    return " (" + ", ".join(f"{source} {n}" for source, n in sorted(counts.items())) + ")" if counts else ""
+
+
 def _label_section(run_dir: Path, stages: dict) -> list[str]:
     labels = read_records(run_dir / "samples" / "labels.jsonl")
     if not labels:
         return []
     p = [float(r["p_a"]) for r in labels]
     lines = ["## AI feedback and preference model", "",
-             f"{len(labels)} labelled pairs; mean P(A preferred) = {sum(p) / len(p):.3f}; "
+             f"{len(labels)} labelled pairs{_source_counts(stages)}; mean P(A preferred) = {sum(p) / len(p):.3f}; "
              f"confident labels (|p − 0.5| > 0.1): {sum(abs(x - 0.5) > 0.1 for x in p)}.", ""]
     rm = stages.get("rm", {})
     if "heldout_accuracy" in rm:
         lines += [f"- preference model held-out accuracy: **{rm['heldout_accuracy']:.3f}** "
                   f"(before training {rm.get('heldout_accuracy_before', float('nan')):.3f}; chance 0.5) on "
-                  f"{rm.get('heldout_pairs')} held-out pairs, trained on {rm.get('train_pairs')}", ""]
+                  f"{rm.get('heldout_pairs')} held-out pairs, trained on {rm.get('train_pairs')}"]
+        lines += [_by_source(rm), ""] if rm.get("heldout_accuracy_by_source") else [""]
     example = labels[0]
     lines += ["Example label:", "", f"- prompt: {_short(example['prompt'], 200)}",
               f"- (A) {_short(example['response_a'], 200)}", f"- (B) {_short(example['response_b'], 200)}",
@@ -135,7 +146,8 @@ def _dpo_section(stages: dict, metrics: list[dict]) -> list[str]:
              f"Held-out implicit-reward accuracy **{info['heldout_accuracy']:.3f}** (before training "
              f"{info.get('heldout_accuracy_before', float('nan')):.3f}; chance 0.5; the reference ties every pair), "
              f"margin r_c − r_r {info.get('heldout_margin', float('nan')):.4f}, on {info.get('heldout_pairs')} held-out "
-             f"pairs, trained on {info.get('train_pairs')}.", ""]
+             f"pairs, trained on {info.get('train_pairs')}."]
+    lines += [_by_source(info), ""] if info.get("heldout_accuracy_by_source") else [""]
     rows = [r for r in metrics if r.get("stage") == "dpo"]
     if rows:
         lines += ["| step | loss | accuracy | margin | log π(chosen) | log π(rejected) |", "|---|---|---|---|---|---|"]

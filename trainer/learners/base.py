@@ -7,7 +7,7 @@ one per `setup(stage)` and forwards the driver's calls to it; a call the stage h
     setup() -> StageStart          build or restore the state
     set_data(data) -> int          the stage's training data (typed: see trainer/learners/requests.py)
     train_step(batch) -> Metrics   one update (SFT/RM draw their batch from the data; PPO gets rollouts)
-    evaluate() -> Metrics          held-out evaluation
+    evaluate(pairs) -> Metrics     held-out evaluation (or of the given pairs)
     score(prompts, responses)      preference-model scores
     policy_params() -> nnx.State   the policy workers should sample from (published by the actor)
     finish()                       the stage is done: hand its weights on to later stages
@@ -51,7 +51,7 @@ class StageLearner:
     def train_step(self, batch=None) -> Metrics:
         self._unsupported("train_step")
 
-    def evaluate(self) -> Metrics:
+    def evaluate(self, pairs=None) -> Metrics:
         self._unsupported("evaluate")
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
@@ -144,14 +144,15 @@ class PairLearner(SupervisedLearner):
         self.heldout = self._pair_arrays(data.heldout)
         return len(data.train)
 
-    def evaluate(self) -> Metrics:
-        """Held-out metrics in batches of the training batch size; the last batch is filled by wrapping,
-        its extra rows masked (`valid_B`)."""
-        n = len(self.heldout["p_chosen_B"])
+    def evaluate(self, pairs=None) -> Metrics:
+        """Metrics on `pairs` (PreferencePairs), by default the held-out set, in batches of the training
+        batch size; the last batch is filled by wrapping, its extra rows masked (`valid_B`)."""
+        rows_by_key = self.heldout if pairs is None else self._pair_arrays(tuple(pairs))
+        n = len(rows_by_key["p_chosen_B"])
         sums = []
         for start in range(0, n, self.batch_size):
             rows = np.arange(start, start + self.batch_size)
-            batch = {k: v[rows % n] for k, v in self.heldout.items()}
+            batch = {k: v[rows % n] for k, v in rows_by_key.items()}
             batch["valid_B"] = (rows < n).astype(np.float32)
             sums.append(gather_to_host(self._eval_fn(self.state, put_batch(batch, self.ctx.rules))))
         return self._eval_metrics(sums)

@@ -7,7 +7,7 @@ give the implicit-reward accuracy before and after training. The result is the r
 from __future__ import annotations
 
 from trainer.stages.common import learner_loop
-from trainer.stages.rm import start_on_labels
+from trainer.stages.rm import accuracy_by_source, start_on_labels
 
 
 def run_dpo(ctx) -> None:
@@ -22,5 +22,6 @@ def run_dpo(ctx) -> None:
     # (SL's 1, else the initial 0), which its evaluation asks for (trainer.stages.evaluate).
     ctx.stages.update("dpo", heldout_accuracy=after["accuracy"], heldout_margin=after["margin"],
                       heldout_loss=after["loss"], train_pairs=len(train), heldout_pairs=len(heldout),
-                      final_version=(1 if ctx.stages.done("sl") else 0) + 1)
+                      final_version=(1 if ctx.stages.done("sl") else 0) + 1,
+                      heldout_accuracy_by_source=accuracy_by_source(ctx, heldout))
     ray.get(ctx.learner.finish.remote())  # checkpoints/dpo-params; the policy stays on the learner's devices

@@ -7,7 +7,11 @@ the better answer), principle_ids, per-principle probabilities, constitution has
 
 from __future__ import annotations
 
+import collections
+import zlib
+
 from models.errors import UserError
+from trainer.eval.refusal import is_refusal_or_redirect
 from trainer.ledger import Ledger, read_records
 from trainer.stages.common import dispatch_prompts
 from trainer.weights import WeightHandle
@@ -22,13 +26,16 @@ def label_weights(ctx) -> WeightHandle:
     return ray.get(ctx.learner.publish.remote(1))
 
 
-def revision_pairs(sl_records: list[dict], revision_p: float) -> dict[str, dict]:
+def revision_pairs(sl_records: list[dict], revision_p: float, only_declines: bool = False) -> dict[str, dict]:
     """uid -> label record preferring each prompt's final SL revision to its initial answer (p_a =
-    revision_p); prompts whose revision is empty or equals the answer give no pair."""
+    revision_p); prompts whose revision is empty or equals the answer give no pair. `only_declines`
+    (label.revision_filter: declines) keeps only revisions that refuse or redirect an answer that did not."""
     pairs = {}
     for r in sl_records:
         answer, revision = r["initial_response"].strip(), r["final_revision"].strip()
         if not r["rounds"] or not answer or not revision or answer == revision:
+            continue
+        if only_declines and (not is_refusal_or_redirect(revision) or is_refusal_or_redirect(answer)):
             continue
         principles = [round_["principle_id"] for round_ in r["rounds"]]
         pairs[r["uid"]] = {"prompt": r["prompt"], "response_a": revision, "response_b": answer, "p_a": revision_p,
@@ -50,23 +57,52 @@ WRITTEN_REFUSALS = (
 )
 
 
+def _written_refusal(uid: str) -> str:
+    return WRITTEN_REFUSALS[zlib.crc32(uid.encode()) % len(WRITTEN_REFUSALS)]  # stable across runs
+
+
+def _contrast_record(record: dict, preferred: str, rejected: str, p_a: float, source: str) -> dict:
+    return {"prompt": record["prompt"], "response_a": preferred, "response_b": rejected, "p_a": p_a,
+            "principle_ids": [], "per_principle_probs": [], "constitution_hash": record["constitution_hash"],
+            "reasoning": [], "source": source}
+
+
 def refusal_contrast_pairs(answer_records: list[dict], p_answer: float) -> dict[str, dict]:
     """uid -> label record preferring the model's own answer to a benign prompt (sl.helpful_sources) to a
     written refusal (p_a = p_answer). Revision pairs alone teach the preference model that declining is
     better whatever was asked; these pairs say that declining a benign request is worse."""
-    import zlib
-
     pairs = {}
     for r in answer_records:
         answer = r["final_revision"].strip()
-        if not answer:
-            continue
-        refusal = WRITTEN_REFUSALS[zlib.crc32(r["uid"].encode()) % len(WRITTEN_REFUSALS)]  # stable across runs
-        pairs[f"{r['uid']}/contrast"] = {
-            "prompt": r["prompt"], "response_a": answer, "response_b": refusal, "p_a": p_answer,
-            "principle_ids": [], "per_principle_probs": [], "constitution_hash": r["constitution_hash"],
-            "reasoning": [], "source": "refusal_contrast"}
+        if answer:
+            pairs[f"{r['uid']}/contrast"] = _contrast_record(r, answer, _written_refusal(r["uid"]), p_answer,
+                                                             "refusal_contrast")
     return pairs
+
+
+def harmful_contrast_pairs(sl_records: list[dict], p_refusal: float) -> dict[str, dict]:
+    """uid -> label record preferring a written refusal to the model's initial answer to a harmful request
+    (the prompts SL-CAI revised) where that answer neither refuses nor redirects (phrase classifier): the
+    mirror of `refusal_contrast_pairs`, so the same written refusals are preferred on harmful requests."""
+    pairs = {}
+    for r in sl_records:
+        answer = r["initial_response"].strip()
+        if answer and not is_refusal_or_redirect(answer):
+            pairs[f"{r['uid']}/harmful-contrast"] = _contrast_record(r, _written_refusal(r["uid"]), answer,
+                                                                     p_refusal, "harmful_contrast")
+    return pairs
+
+
+def balanced(first: dict[str, dict], second: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Both pair sets cut to the smaller one's size, keeping the pairs whose uid hashes lowest (a choice
+    that is stable across runs and independent of file order)."""
+    size = min(len(first), len(second))
+
+    def keep(pairs: dict[str, dict]) -> dict[str, dict]:
+        chosen = set(sorted(pairs, key=lambda uid: (zlib.crc32(uid.encode()), uid))[:size])
+        return {uid: pairs[uid] for uid in pairs if uid in chosen}
+
+    return keep(first), keep(second)
 
 
 def label_revisions(ctx) -> None:
@@ -75,19 +111,25 @@ def label_revisions(ctx) -> None:
     if not ctx.stages.done("sl"):
         raise UserError("label.pairs: revisions takes its pairs from SL-CAI's revisions, but the sl stage has not "
                         "run in this run directory; add sl to run.stages or use label.pairs: sampled")
-    samples = ctx.run_dir / "samples"
-    pairs = revision_pairs(read_records(samples / "sl.jsonl"), ctx.config.label.revision_p)
-    if ctx.config.label.refusal_contrast:
+    cfg, samples = ctx.config.label, ctx.run_dir / "samples"
+    sl_records = read_records(samples / "sl.jsonl")
+    pairs = revision_pairs(sl_records, cfg.revision_p, only_declines=cfg.revision_filter == "declines")
+    if cfg.refusal_contrast:
         answers = read_records(samples / "sl_answers.jsonl") if (samples / "sl_answers.jsonl").exists() else []
         if not answers:
             raise UserError("label.refusal_contrast pairs the helpful answers of SL-CAI with written refusals, but "
                             "this run has none (samples/sl_answers.jsonl): set sl.helpful_sources to the prompt "
                             "sets to answer, or label.refusal_contrast: false")
-        pairs |= refusal_contrast_pairs(answers, ctx.config.label.revision_p)
+        benign = refusal_contrast_pairs(answers, cfg.revision_p)
+        if cfg.harmful_contrast:
+            benign, harmful = balanced(benign, harmful_contrast_pairs(sl_records, cfg.revision_p))
+            pairs |= harmful
+        pairs |= benign
     ledger = Ledger.open(ctx.run_dir / "samples" / "labels.jsonl", list(pairs))
     for uid in list(ledger.pending):
         ledger.complete(uid, pairs[uid])
-    ctx.stages.update("label", pairs=len(ledger.done), source="sl_revisions")
+    by_source = collections.Counter(record["source"] for record in pairs.values())
+    ctx.stages.update("label", pairs=len(ledger.done), source="sl_revisions", pairs_by_source=dict(by_source))
 
 
 def run_label(ctx) -> None:

@@ -45,6 +45,23 @@ def start_on_labels(ctx, stage: str, heldout_fraction: float, extra_train=lambda
     return start, train, heldout
 
 
+def accuracy_by_source(ctx, heldout: list[dict]) -> dict[str, dict]:
+    """Held-out accuracy per pair source (labels.jsonl `source`: sl_revision, refusal_contrast, …) when
+    the held-out set mixes sources: one overall figure can hide a source the model gets wrong, and
+    that source is what RL then learns from."""
+    import ray
+
+    groups: dict[str, list[dict]] = {}
+    for record in heldout:
+        groups.setdefault(record.get("source", "unknown"), []).append(record)
+    if len(groups) < 2:
+        return {}
+    return {source: {"accuracy": ray.get(ctx.learner.evaluate.remote(tuple(map(PreferencePair.from_record,
+                                                                                 records))))["accuracy"],
+                     "pairs": len(records)}
+            for source, records in sorted(groups.items())}
+
+
 def _human_pairs(cfg):
     """Human helpfulness pairs (rm.human_pairs): they join training only, held-out accuracy stays on AI labels."""
     if not cfg.rm.human_pairs:
@@ -63,6 +80,7 @@ def run_rm(ctx) -> None:
     after = ray.get(ctx.learner.evaluate.remote())
     ctx.metrics.write("rm_eval", cfg.rm.steps, after)
     ctx.stages.update("rm", heldout_accuracy=after["accuracy"], heldout_bt_loss=after["bt_loss"],
-                      train_pairs=len(train), heldout_pairs=len(heldout))
+                      train_pairs=len(train), heldout_pairs=len(heldout),
+                      heldout_accuracy_by_source=accuracy_by_source(ctx, heldout))
     ray.get(ctx.learner.finish.remote())  # the preference model stays on the learner's devices for PPO
     ray.get(ctx.learner.close.remote())
