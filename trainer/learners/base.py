@@ -82,11 +82,26 @@ class StageLearner:
         self.ckpt.close()
 
 
+def batch_rows(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The data rows of update `step`: positions step·B … step·B+B−1 of the passes over the data, each
+    pass (epoch) in its own order drawn from (seed, epoch). Stage data arrive in blocks by source
+    (revision pairs, then contrast pairs; revised prompts, then answered ones), and without a shuffle
+    a model learns whichever block it saw last. A function of the step counter only, so a resumed run
+    (and every process of a multi-host learner) draws the same batches."""
+    rows, orders = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        rows.append(int(orders[epoch][offset]))
+    return rows
+
+
 class SupervisedLearner(StageLearner):
     """A stage that updates one `TrainState` on rows of fixed training data (SFT, the preference model).
 
-    Batch k holds rows k·B … k·B+B−1, wrapping: the data position is the step counter, so a resumed
-    run continues where it stopped.
+    Batches are drawn by `batch_rows`: every row once per epoch, in a seeded order per epoch; the data
+    position is the step counter, so a resumed run continues where it stopped.
     """
 
     batch_size = 1  # rows per update, set from the stage's config
@@ -113,8 +128,7 @@ class SupervisedLearner(StageLearner):
         if batch is not None:
             raise StageCallError(f"the {self.stage} learner draws its batches from set_data(); train_step takes none")
         n = len(next(iter(self.data.values())))
-        start_row = self.step() * self.batch_size
-        rows = [(start_row + i) % n for i in range(self.batch_size)]
+        rows = batch_rows(self.step(), self.batch_size, n, self.config.run.seed)
         start = time.perf_counter()
         self.state, metrics = self._step_fn(self.state, put_batch({k: v[rows] for k, v in self.data.items()},
                                                                   self.ctx.rules))
