@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pipeline import NO_EVAL, ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from pipeline_fixtures import NO_EVAL, NO_PERIODIC_SAVES, REFERENCE, ROOT, run_train, train_command
+from test_pipeline import check_finished_run
 from trainer.ledger import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-NO_PERIODIC_SAVES = "checkpoint.every_steps=1000"  # so every checkpoint inside a stage comes from the signal
 VOLATILE = ("time",)  # wall-clock fields; every other metric must repeat exactly
 
 
@@ -100,16 +100,15 @@ def _checkpoint_steps(run_dir: Path, stage: str) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):  # noqa: F811
-    """One uninterrupted run: what every interrupted-and-resumed run must end equal to."""
-    runs = tmp_path_factory.mktemp("reference")
-    run_train(tiny_model, runs, NO_PERIODIC_SAVES)
-    return runs / "tiny"
+@pytest.fixture
+def reference(reference_run):
+    """The session's uninterrupted run (tests/conftest.py; NO_PERIODIC_SAVES, as the runs here): what every
+    interrupted-and-resumed run must end equal to."""
+    return reference_run.dir
 
 
-def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, reference, tmp_path):  # noqa: F811
-    run_train(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, reference, tmp_path):
+    run_train(tiny_model, tmp_path, *REFERENCE)  # the reference's very command, a second time
     assert _comparable(_metric_rows(tmp_path / "tiny")) == _comparable(_metric_rows(reference))
     want, got = _final_params(reference), _final_params(tmp_path / "tiny")
     assert want.keys() == got.keys()
@@ -117,7 +116,7 @@ def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, 
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model, reference, tmp_path):  # noqa: F811
+def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model, reference, tmp_path):
     run_dir = tmp_path / "tiny"
     run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, "ppo")) >= 1)
@@ -137,7 +136,7 @@ def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_workers(tiny_model, reference,  # noqa: F811
+def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_workers(tiny_model, reference,
                                                                                     tmp_path):
     """rollout.colocated: every stage's sampling, critique, labelling and evaluation runs inside the learner
     process on its own arrays. Killed (SIGKILL, driver and Ray) inside PPO and resumed, the run ends with the
@@ -233,7 +232,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_model, small_disk):  # noqa: F811
+def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_model, small_disk):
     """SL done, then the disk fills: the preference model's first checkpoint cannot be written. The run stops
     with one clear message (exit 2, no traceback from the driver), SL's state intact; with space freed the
     same command resumes and finishes, each (stage, step) once."""
@@ -272,7 +271,7 @@ def _learner_pids() -> list[int]:
     return pids
 
 
-def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):  # noqa: F811
+def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):
     run_dir = tmp_path / "tiny"
     before = set(_learner_pids())
     run = Run(tiny_model, tmp_path, NO_EVAL)
@@ -284,14 +283,14 @@ def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_m
     assert run.leftovers() == []
 
 
-def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):  # noqa: F811
+def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):
     run = Run(tiny_model, tmp_path, NO_EVAL, "ray.learner_timeout_s=0.5")  # a first-step compile takes longer
     assert run.finish() == 2, run.output()[-4000:]
     assert "past ray.learner_timeout_s = 0.5 s" in run.output() and "Traceback" not in run.output()
     assert run.leftovers() == []
 
 
-def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):  # noqa: F811
+def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):
     from test_run_inputs import LONG
 
     prompts = tmp_path / "prompts.jsonl"
