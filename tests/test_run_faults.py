@@ -195,25 +195,38 @@ def test_sigint_inside_sl_training_exits_130_then_a_second_sigterm_exits_at_once
     check_finished_run(run_dir, evaluated=False)
 
 
-@pytest.mark.parametrize("stage", ["sl", "rm"])
-def test_killed_inside_sl_or_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path, stage):  # noqa: F811
-    """Killed after step 1 with no checkpoint since step 0: the resumed stage logs step 1 again."""
-    run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)
+def _kill_after_first_step(tiny_model, runs_dir, stage):
+    """SIGKILL the run (driver and Ray) once `stage` has logged step 1, with no checkpoint since its step 0,
+    and tear the metrics line the kill was writing."""
+    run_dir = runs_dir / "tiny"
+    run = Run(tiny_model, runs_dir, NO_EVAL, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, stage)) >= 1)
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()
     with (run_dir / "metrics.jsonl").open("a") as f:
-        f.write('{"stage": "' + stage + '", "step": 2, "tor')  # and a line torn by the kill
+        f.write('{"stage": "' + stage + '", "step": 2, "tor')
+
+
+def test_killed_inside_sl_then_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path):
+    """Killed after SL's step 1, resumed and killed again after RM's step 1, resumed to the end: each
+    resumed stage logs step 1 again, and metrics.jsonl and TensorBoard keep one row per step. (One run
+    killed twice: a kill per stage in two runs would only repeat the run around them.)"""
+    run_dir = tmp_path / "tiny"
+    _kill_after_first_step(tiny_model, tmp_path, "sl")
+    _kill_after_first_step(tiny_model, tmp_path, "rm")  # the run it kills resumed SL first
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["sl"]["done"] and not stages.get("rm", {}).get("done")
     run_train(tiny_model, tmp_path, NO_EVAL)
     check_finished_run(run_dir, evaluated=False)
     rows = _metric_rows(run_dir)
+    assert [r["step"] for r in rows if r["stage"] == "sl"] == [1, 2]
     assert [r["step"] for r in rows if r["stage"] == "rm"] == [1, 2]
     assert [r["step"] for r in rows if r["stage"] == "rm_eval"] == [0, 2]
     from tb_events import scalar_events
 
-    events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
-    assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)]
+    for stage in ("sl", "rm"):
+        events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
+        assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)], stage
 
 
 @pytest.fixture
