@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX is imported anywhere, hence at the very top of 
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.runtime import accelerator_plugin_installed, set_cpu_xla_flags  # noqa: E402 - imports no JAX
@@ -53,3 +54,29 @@ def smollm2(embedded_model_dir):
     from models.sources import load
 
     return load("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The pipeline tests' tiny model directory (tests/pipeline_fixtures.py), written once per session."""
+    from pipeline_fixtures import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model, tmp_path_factory):
+    """One whole, uninterrupted, evaluated `cairl train` of configs/tiny.yaml (pipeline_fixtures.REFERENCE), run
+    once per session: test_pipeline.py checks what it leaves, test_run_faults.py compares interrupted-and-resumed
+    runs and a second run of the same seed with it. Read it, never write into it (copy it first)."""
+    from pipeline_fixtures import REFERENCE, run_train
+
+    runs = tmp_path_factory.mktemp("reference")
+    proc = run_train(tiny_model, runs, *REFERENCE)
+    return FinishedRun(runs / "tiny", proc.stderr)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    dir: Path
+    stderr: str  # the driver's progress bars and log

@@ -1,9 +1,21 @@
-"""A tiny model directory for pipeline tests: random 'tiny'-preset Llama + byte-level BPE tokenizer
-with ChatML specials, written as a Hugging Face directory so it loads like any model source."""
+"""For pipeline tests: a tiny model directory (random 'tiny'-preset Llama + byte-level BPE tokenizer with
+ChatML specials, written as a Hugging Face directory so it loads like any model source) and `cairl train`
+on configs/tiny.yaml as a subprocess."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_EVAL = "eval.train_models=[]"  # for tests about something else: evaluation adds ~20 s to a tiny run
+NO_PERIODIC_SAVES = "checkpoint.every_steps=1000"  # so every checkpoint inside a stage comes from a signal
+# The session's reference run (tests/conftest.py `reference_run`): a whole evaluated run, planned first. Runs
+# compared with it use the same overrides (test_run_faults.py).
+REFERENCE = (NO_PERIODIC_SAVES, "run.preflight=true")
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -42,3 +54,17 @@ def write_tiny_model(directory: Path, seed: int = 0, **config_changes) -> Path:
         model = Llama(config, nnx.Rngs(seed))
         params = model_params(model)
     return export_params(directory, config, params, tokenizer)
+
+
+def train_command(model_dir, runs_dir, *overrides):
+    return [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"model.source={model_dir}", f"run.runs_dir={runs_dir}",
+            f"ray.temp_dir={tempfile.mkdtemp(prefix='cr', dir='/tmp')}", *overrides]
+
+
+def run_train(model_dir, runs_dir, *overrides, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(train_command(model_dir, runs_dir, *overrides), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

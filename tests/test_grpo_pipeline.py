@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from test_pipeline import NO_EVAL, ROOT, check_evaluation, run_train, tiny_model  # noqa: F401
+from pipeline_fixtures import run_train
+from test_pipeline import check_evaluation
 from test_resume import start_and_kill_when
 from test_run_faults import _comparable, _final_params, _metric_rows
 from trainer.ledger import read_records
@@ -19,7 +20,7 @@ GRPO = ("ppo.algorithm=grpo", f"ppo.group.group_size={GROUP}", "ppo.batch_size=2
 
 
 @pytest.fixture(scope="module")
-def grpo_run(tiny_model, tmp_path_factory):  # noqa: F811
+def grpo_run(tiny_model, tmp_path_factory):
     """One uninterrupted GRPO run, evaluated: what the killed-and-resumed run must end equal to."""
     runs = tmp_path_factory.mktemp("grpo")
     run_train(tiny_model, runs, *GRPO)
@@ -58,7 +59,7 @@ def test_grpo_route_on_a_tiny_model(grpo_run):
     assert (grpo_run / "hf" / "model.safetensors").is_file()
 
 
-def test_killed_inside_grpo_then_resumed_ends_bit_identical(tiny_model, grpo_run, tmp_path):  # noqa: F811
+def test_killed_inside_grpo_then_resumed_ends_bit_identical(tiny_model, grpo_run, tmp_path):
     run_dir = tmp_path / "tiny"
 
     def after_two_iterations():

@@ -25,13 +25,6 @@ SAME_RUN = ["model.mesh={data: 2, fsdp: 2, tensor: 2}", "sl.batch_size=4", "rm.b
                 ("ppo.value_optimizer", 5e-5)))]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from pipeline_fixtures import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 def _env(**extra) -> dict:
     venv_bin = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),

@@ -4,43 +4,15 @@ through the `cairl train` entry point, and the run directory it leaves."""
 import json
 import os
 import subprocess
-import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from pipeline_fixtures import ROOT, run_train, train_command
 from trainer.ledger import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from pipeline_fixtures import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def train_command(model_dir, runs_dir, *overrides):
-    return [sys.executable, "-m", "trainer.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-            f"model.source={model_dir}", f"run.runs_dir={runs_dir}",
-            f"ray.temp_dir={tempfile.mkdtemp(prefix='cr', dir='/tmp')}", *overrides]
-
-
-def run_train(model_dir, runs_dir, *overrides, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(train_command(model_dir, runs_dir, *overrides), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-NO_EVAL = "eval.train_models=[]"  # for tests about something else: evaluation adds ~20 s to a tiny run
 
 
 def check_finished_run(run_dir: Path, evaluated: bool = True):
@@ -105,11 +77,12 @@ def check_evaluation(run_dir: Path, metrics: list[dict]):
     assert comparison["model"] == "tiny:rl" and comparison["baseline"] == "tiny:base"
 
 
-def test_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
-    proc = run_train(tiny_model, tmp_path, "run.preflight=true")
-    assert "sl train" in proc.stderr and "ppo" in proc.stderr  # progress bars on stderr
-    check_finished_run(tmp_path / "tiny")
-    assert json.loads((tmp_path / "tiny" / "plan.json").read_text())["fits"] is True  # the pre-flight plan
+def test_whole_pipeline_on_a_tiny_model(reference_run):
+    """The session's reference run (tests/conftest.py): planned first, then every stage, evaluated."""
+    run_dir = reference_run.dir
+    assert "sl train" in reference_run.stderr and "ppo" in reference_run.stderr  # progress bars on stderr
+    check_finished_run(run_dir)
+    assert json.loads((run_dir / "plan.json").read_text())["fits"] is True  # the pre-flight plan
     # The exported policy loads back as a model source and is the final RL policy, weight for weight.
     import numpy as np
     from flax import nnx
@@ -117,8 +90,8 @@ def test_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     from models.sources import load_checkpoint
     from trainer.eval.sources import load_policy
 
-    exported = load_checkpoint(str(tmp_path / "tiny")).params
-    rl = dict(nnx.to_flat_state(nnx.state(load_policy(f"{tmp_path / 'tiny'}:rl").model, nnx.Param)))
+    exported = load_checkpoint(str(run_dir)).params
+    rl = dict(nnx.to_flat_state(nnx.state(load_policy(f"{run_dir}:rl").model, nnx.Param)))
     assert len(exported) == len(rl) > 0
     for path, array in exported.items():
         np.testing.assert_allclose(np.asarray(rl[tuple(path)][...]), np.asarray(array), rtol=0, atol=1e-6)

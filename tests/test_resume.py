@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import NO_EVAL, ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from pipeline_fixtures import NO_EVAL, ROOT, run_train, train_command
+from test_pipeline import check_finished_run
 from trainer.ledger import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -44,7 +45,7 @@ def _stages(run_dir: Path) -> dict:
         return {}
 
 
-def test_killed_between_stages_then_resumed(tiny_model, tmp_path):  # noqa: F811
+def test_killed_between_stages_then_resumed(tiny_model, tmp_path):
     run_dir = tmp_path / "tiny"
     start_and_kill_when(tiny_model, tmp_path, lambda: _stages(run_dir).get("label", {}).get("done"), NO_EVAL)
     assert _stages(run_dir)["sl"]["done"]
@@ -54,7 +55,7 @@ def test_killed_between_stages_then_resumed(tiny_model, tmp_path):  # noqa: F811
     assert read_records(run_dir / "samples" / "labels.jsonl") == labels_before  # not redone
 
 
-def test_killed_inside_ppo_then_resumed(tiny_model, tmp_path):  # noqa: F811
+def test_killed_inside_ppo_then_resumed(tiny_model, tmp_path):
     run_dir = tmp_path / "tiny"
 
     def after_two_ppo_iterations():

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pipeline import NO_EVAL, ROOT, check_finished_run, run_train, tiny_model, train_command  # noqa: F401
+from pipeline_fixtures import NO_EVAL, NO_PERIODIC_SAVES, REFERENCE, ROOT, run_train, train_command
+from test_pipeline import check_finished_run
 from trainer.ledger import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-NO_PERIODIC_SAVES = "checkpoint.every_steps=1000"  # so every checkpoint inside a stage comes from the signal
 VOLATILE = ("time",)  # wall-clock fields; every other metric must repeat exactly
 
 
@@ -100,16 +100,15 @@ def _checkpoint_steps(run_dir: Path, stage: str) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):  # noqa: F811
-    """One uninterrupted run: what every interrupted-and-resumed run must end equal to."""
-    runs = tmp_path_factory.mktemp("reference")
-    run_train(tiny_model, runs, NO_PERIODIC_SAVES)
-    return runs / "tiny"
+@pytest.fixture
+def reference(reference_run):
+    """The session's uninterrupted run (tests/conftest.py; NO_PERIODIC_SAVES, as the runs here): what every
+    interrupted-and-resumed run must end equal to."""
+    return reference_run.dir
 
 
-def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, reference, tmp_path):  # noqa: F811
-    run_train(tiny_model, tmp_path, NO_PERIODIC_SAVES)
+def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, reference, tmp_path):
+    run_train(tiny_model, tmp_path, *REFERENCE)  # the reference's very command, a second time
     assert _comparable(_metric_rows(tmp_path / "tiny")) == _comparable(_metric_rows(reference))
     want, got = _final_params(reference), _final_params(tmp_path / "tiny")
     assert want.keys() == got.keys()
@@ -117,7 +116,7 @@ def test_the_same_seed_twice_gives_identical_metrics_and_parameters(tiny_model, 
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model, reference, tmp_path):  # noqa: F811
+def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model, reference, tmp_path):
     run_dir = tmp_path / "tiny"
     run = Run(tiny_model, tmp_path, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, "ppo")) >= 1)
@@ -137,7 +136,7 @@ def test_sigterm_inside_ppo_checkpoints_exits_0_and_resume_ends_equal(tiny_model
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_workers(tiny_model, reference,  # noqa: F811
+def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_workers(tiny_model, reference,
                                                                                     tmp_path):
     """rollout.colocated: every stage's sampling, critique, labelling and evaluation runs inside the learner
     process on its own arrays. Killed (SIGKILL, driver and Ray) inside PPO and resumed, the run ends with the
@@ -169,7 +168,11 @@ def test_colocated_run_killed_inside_ppo_resumes_and_ends_equal_to_separate_work
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_sigint_inside_sl_training_checkpoints_exits_130_and_resumes(tiny_model, tmp_path):  # noqa: F811
+def test_sigint_inside_sl_training_exits_130_then_a_second_sigterm_exits_at_once_and_the_run_resumes(tiny_model,
+                                                                                                   tmp_path):
+    """SIGINT inside SL training: the stage saved at its last step, exit 130, Ray shut down. The resumed run
+    gets SIGTERM inside labelling and a second one while it stops: it exits at once (0), and the same command
+    then finishes the run. (One run stopped twice: a run per signal would only repeat the run around them.)"""
     run_dir = tmp_path / "tiny"
     run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1)
@@ -179,14 +182,10 @@ def test_sigint_inside_sl_training_checkpoints_exits_130_and_resumes(tiny_model,
     assert run.leftovers() == []
     # Saved at the last step logged: step 1 when the signal beat the check after it, else step 2 (the last).
     assert _checkpoint_steps(run_dir, "sl") == [max(_metric_steps(run_dir, "sl"))]
-    run_train(tiny_model, tmp_path, NO_EVAL, f"--resume={run_dir}")
-    check_finished_run(run_dir, evaluated=False)
 
-
-def test_a_second_signal_exits_at_once_and_the_run_still_resumes(tiny_model, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path, NO_EVAL)
+    run = Run(tiny_model, tmp_path, NO_EVAL, f"--resume={run_dir}")
     run.wait_for(lambda: len(read_records(run_dir / "samples" / "labels.jsonl")) >= 2)
+    assert json.loads((run_dir / "stages.json").read_text())["sl"]["done"]  # the SL that SIGINT stopped, resumed
     run.signal(signal.SIGTERM)
     run.wait_for(lambda: "saving a checkpoint at the next safe point" in run.output())  # two at once would merge
     run.signal(signal.SIGTERM)
@@ -196,25 +195,38 @@ def test_a_second_signal_exits_at_once_and_the_run_still_resumes(tiny_model, tmp
     check_finished_run(run_dir, evaluated=False)
 
 
-@pytest.mark.parametrize("stage", ["sl", "rm"])
-def test_killed_inside_sl_or_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path, stage):  # noqa: F811
-    """Killed after step 1 with no checkpoint since step 0: the resumed stage logs step 1 again."""
-    run_dir = tmp_path / "tiny"
-    run = Run(tiny_model, tmp_path, NO_EVAL, NO_PERIODIC_SAVES)
+def _kill_after_first_step(tiny_model, runs_dir, stage):
+    """SIGKILL the run (driver and Ray) once `stage` has logged step 1, with no checkpoint since its step 0,
+    and tear the metrics line the kill was writing."""
+    run_dir = runs_dir / "tiny"
+    run = Run(tiny_model, runs_dir, NO_EVAL, NO_PERIODIC_SAVES)
     run.wait_for(lambda: len(_metric_steps(run_dir, stage)) >= 1)
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()
     with (run_dir / "metrics.jsonl").open("a") as f:
-        f.write('{"stage": "' + stage + '", "step": 2, "tor')  # and a line torn by the kill
+        f.write('{"stage": "' + stage + '", "step": 2, "tor')
+
+
+def test_killed_inside_sl_then_rm_training_leaves_one_metric_row_per_step(tiny_model, tmp_path):
+    """Killed after SL's step 1, resumed and killed again after RM's step 1, resumed to the end: each
+    resumed stage logs step 1 again, and metrics.jsonl and TensorBoard keep one row per step. (One run
+    killed twice: a kill per stage in two runs would only repeat the run around them.)"""
+    run_dir = tmp_path / "tiny"
+    _kill_after_first_step(tiny_model, tmp_path, "sl")
+    _kill_after_first_step(tiny_model, tmp_path, "rm")  # the run it kills resumed SL first
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["sl"]["done"] and not stages.get("rm", {}).get("done")
     run_train(tiny_model, tmp_path, NO_EVAL)
     check_finished_run(run_dir, evaluated=False)
     rows = _metric_rows(run_dir)
+    assert [r["step"] for r in rows if r["stage"] == "sl"] == [1, 2]
     assert [r["step"] for r in rows if r["stage"] == "rm"] == [1, 2]
     assert [r["step"] for r in rows if r["stage"] == "rm_eval"] == [0, 2]
     from tb_events import scalar_events
 
-    events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
-    assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)]
+    for stage in ("sl", "rm"):
+        events = [(tag, step) for tag, step, _ in scalar_events(run_dir / "tb") if tag.startswith(f"{stage}/loss")]
+        assert sorted(events) == [(f"{stage}/loss", 1), (f"{stage}/loss", 2)], stage
 
 
 @pytest.fixture
@@ -233,7 +245,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_model, small_disk):  # noqa: F811
+def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_model, small_disk):
     """SL done, then the disk fills: the preference model's first checkpoint cannot be written. The run stops
     with one clear message (exit 2, no traceback from the driver), SL's state intact; with space freed the
     same command resumes and finishes, each (stage, step) once."""
@@ -272,7 +284,7 @@ def _learner_pids() -> list[int]:
     return pids
 
 
-def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):  # noqa: F811
+def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):
     run_dir = tmp_path / "tiny"
     before = set(_learner_pids())
     run = Run(tiny_model, tmp_path, NO_EVAL)
@@ -284,14 +296,14 @@ def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_m
     assert run.leftovers() == []
 
 
-def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):  # noqa: F811
+def test_a_learner_call_past_its_timeout_stops_the_run(tiny_model, tmp_path):
     run = Run(tiny_model, tmp_path, NO_EVAL, "ray.learner_timeout_s=0.5")  # a first-step compile takes longer
     assert run.finish() == 2, run.output()[-4000:]
     assert "past ray.learner_timeout_s = 0.5 s" in run.output() and "Traceback" not in run.output()
     assert run.leftovers() == []
 
 
-def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):  # noqa: F811
+def test_a_10000_token_prompt_is_truncated_the_same_way_in_every_stage(tiny_model, tmp_path):
     from test_run_inputs import LONG
 
     prompts = tmp_path / "prompts.jsonl"
