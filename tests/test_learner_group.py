@@ -70,12 +70,12 @@ class Member:
 
     def collective(self, die: bool, transport_fails: bool = False) -> int:
         open(os.path.join(self.marks, f"called-{self.index}"), "w").close()
+        deadline = time.time() + 120
+        while time.time() < deadline and len(os.listdir(self.marks)) < 2:  # both members are in the call
+            time.sleep(0.05)
         if die and self.index == 1:
             time.sleep(0.5 if transport_fails else 0)
             os._exit(1)  # the process dies, as a killed host would
-        deadline = time.time() + 120
-        while time.time() < deadline and len(os.listdir(self.marks)) < 2:
-            time.sleep(0.05)
         if die and transport_fails:  # a collective over TCP fails as soon as the peer's socket closes
             time.sleep(1.0)
             raise RuntimeError("Gloo AllGather failed: Connection closed by peer [127.0.0.1]:426")
@@ -86,6 +86,9 @@ class Member:
 def test_a_learner_killed_for_memory_is_explained_as_memory_not_a_traceback():
     """Ray's memory monitor kills the learner when the machine runs low (e.g. two runs on one machine): the
     driver's ray.get raises OutOfMemoryError, which is neither a task nor an actor error."""
+    from trainer.ray_auth import private_token
+
+    private_token()  # as the driver does before importing Ray, which reads the auth mode once
     import ray.exceptions as rex
 
     from trainer.health import LearnerError, LearnerWatch
