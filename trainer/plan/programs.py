@@ -24,7 +24,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from models.config import ModelConfig
 from models.sharding import MeshRules
@@ -134,7 +133,7 @@ def dpo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
 def group_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     """The RL stage with ppo.algorithm grpo / rloo: no value model; batch_size prompts × group_size rows."""
     from trainer.grpo import GROUP_BATCH_KEYS, GroupState, make_group_step
-    from trainer.steps import sequence_scores, token_logprobs_and_entropy
+    from trainer.ppo import make_frozen_fns
 
     group = config.ppo.group
     b, t = config.ppo.batch_size * group.group_size, ppo_sequence_length(config)
@@ -144,8 +143,7 @@ def group_programs(config, model: ModelConfig, states: AbstractStates, rules: Me
                            ((b, t), jnp.float32 if "logprobs" in k else jnp.int32) for k in GROUP_BATCH_KEYS})
     tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
     ref, pm, policy = states.reference, states.pm_frozen, states.policy
-    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
-    pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
+    ref_fn, pm_fn = make_frozen_fns(states.llama_graphdef, states.scalar_graphdef)  # as the learner jits them
     shape = f"batch {b} × {t} tokens"
     step = make_group_step(state, config.ppo.algorithm, group, config.ppo.max_new_tokens, rules)
     return [
@@ -162,7 +160,6 @@ def group_programs(config, model: ModelConfig, states: AbstractStates, rules: Me
 
 def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     from trainer import ppo
-    from trainer.steps import sequence_scores, token_logprobs_and_entropy
 
     if config.ppo.grouped:
         return group_programs(config, model, states, rules)
@@ -177,9 +174,7 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     batch = _batch(rules, {**shapes, "scores_B": ((b,), jnp.float32)})
     tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
     ref, pm, policy, value = states.reference, states.pm_frozen, states.policy, states.value
-    # What the PPO learner compiles for the frozen reference (trainer/learners/ppo.py).
-    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
-    pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
+    ref_fn, pm_fn = ppo.make_frozen_fns(states.llama_graphdef, states.scalar_graphdef)  # as the learner jits them
     epochs = config.ppo.update.epochs
     update_flops = epochs * (estimate.train_flops(model, b, t, lm_head=True)
                              + estimate.train_flops(model, b, t, lm_head=False))
