@@ -327,6 +327,20 @@ def test_dpo_plan_holds_the_policy_and_its_frozen_reference(eight_devices, lora)
     assert plan.fits
 
 
+def test_the_lora_alternative_counts_rank_8_adapters_by_hand(eight_devices):
+    """What the advice's LoRA figures come from: the run's programs rebuilt with adapters, nothing compiled."""
+    from trainer.plan.abstract import plan_mesh_rules, plan_model_config
+    from trainer.plan.planner import LORA_RANK, lora_alternative
+
+    config = tiny_config("model.mesh.data=1", "model.mesh.fsdp=8", "run.stages=[ppo]", "ppo.algorithm=grpo",
+                         "ppo.group.group_size=4", "ppo.batch_size=2")
+    model = plan_model_config(config)
+    alternative = lora_alternative(config, model, plan_mesh_rules(config, eight_devices, "local", local=True))
+    weights, adapters = _hand_param_bytes(model, 8), _hand_adapter_bytes(model, LORA_RANK, 8)
+    assert alternative["group_update"] == (weights + adapters, 2 * adapters + OPTIMIZER_COUNTERS)
+    assert alternative["reference_logprobs"] == (weights, 0)  # frozen: LoRA changes nothing
+
+
 def test_the_advice_names_the_lora_override_with_its_figures():
     """No compile: a plan whose PPO update is over budget, and the same programs' states counted with LoRA."""
     from trainer.plan.advice import refusal
