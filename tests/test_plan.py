@@ -5,6 +5,7 @@ CPU devices, or for TPU / GPU devices that are not here (libtpu from `pip instal
 CUDA plugin from `make plan-deps`), skipped with the reason when those are not installed.
 """
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -183,7 +184,7 @@ def test_an_oversized_run_is_refused_with_numbers_and_advice(tmp_path):
     assert paragraph.startswith("This run does not fit tpu:v5e:2x2 (4 × TPU v5e, 16.00 GiB each")
     assert "sft_update" in paragraph and "GiB per device" in paragraph
     assert "model.remat=true" in paragraph and "sl.optimizer.grad_accum_steps=" in paragraph
-    assert "a bigger slice" in paragraph and "LoRA" in paragraph
+    assert "a bigger slice" in paragraph and "model.lora.rank=8 (LoRA adapters on q/k/v/o" in paragraph
     assert json.loads((tmp_path / "plan.json").read_text())["fits"] is False
 
 
@@ -230,7 +231,8 @@ def test_train_refuses_a_run_that_does_not_fit_before_anything_starts(tmp_path):
     model_dir = write_tiny_model(tmp_path / "model")
     config = load_run_config(TINY, [f"model.source={model_dir}", f"run.runs_dir={tmp_path}", "run.preflight=true",
                                     "run.stages=[sl]", "sl.batch_size=262144"])
-    with pytest.raises(PreflightError, match=r"This run does not fit local .* sft_update .* Try: .*model.remat=true"):
+    refused = r"This run does not fit local .* sft_update .* Try: .*model.remat=true.*model.lora.rank=8"
+    with pytest.raises(PreflightError, match=refused):
         train(config)
     assert not ray.is_initialized()
     assert not (tmp_path / "tiny" / "config.yaml").exists()  # no run started
@@ -239,7 +241,7 @@ def test_train_refuses_a_run_that_does_not_fit_before_anything_starts(tmp_path):
 
 @pytest.mark.slow  # compiles the DPO and GRPO programs of the tiny model
 @pytest.mark.parametrize("overrides, names", [
-    (("run.stages=[dpo]", "dpo.batch_size=8"), ["dpo_update", "reference_logprobs"]),
+    (("run.stages=[dpo]", "dpo.batch_size=8"), ["dpo_update", "dpo_eval", "reference_logprobs"]),
     (("run.stages=[ppo]", "ppo.algorithm=grpo", "ppo.group.group_size=4", "ppo.batch_size=2"),
      ["group_update", "reference_logprobs", "pm_scores", "rollout_sampler"]),
 ])
@@ -257,3 +259,106 @@ def test_plan_covers_dpo_and_the_group_algorithms(eight_devices, overrides, name
         group_update = plan.programs[0]
         assert group_update.param_bytes + group_update.opt_state_bytes < ppo.programs[0].param_bytes + \
             ppo.programs[0].opt_state_bytes
+
+
+# ----------------------------------------------------------- GRPO, DPO and LoRA counted by hand
+
+OPTIMIZER_COUNTERS = 2 * 4  # AdamW's step count and its schedule's: two int32 scalars
+
+
+def _hand_adapter_bytes(model, rank: int, fsdp: int) -> int:
+    """fp32 LoRA adapters on q/k/v/o per device (models/lora.py): A carries the weight's input axes and B its
+    output axes, the rank axis whole. With fsdp only: `embed` (D) split, heads and head_dim whole."""
+    d, n, k, h = model.hidden_size, model.num_heads, model.num_kv_heads, model.resolved_head_dim
+    q = k_ = v = rank * d // fsdp  # A: [D, R]
+    per_layer = (q + rank * n * h) + (k_ + rank * k * h) + (v + rank * k * h) + (n * h * rank + rank * d // fsdp)
+    return 4 * model.num_layers * per_layer
+
+
+def _hand_pm_bytes(model, fsdp: int) -> int:
+    """The frozen preference model: the LM backbone and a scalar head [D] split by fsdp, and a replicated bias."""
+    return (model.num_params() + model.hidden_size) * 4 // fsdp + 4
+
+
+@pytest.mark.plan
+@pytest.mark.parametrize("lora", [(), ("model.lora.rank=2",)], ids=["full", "lora"])
+def test_grpo_plan_holds_the_policy_and_frozen_models_but_no_value_model(eight_devices, lora):
+    from trainer.plan.abstract import plan_model_config
+    from trainer.plan.planner import make_plan
+    from trainer.plan.targets import parse_target
+
+    config = tiny_config("model.mesh.data=1", "model.mesh.fsdp=8", "run.stages=[ppo]", "ppo.algorithm=grpo",
+                         "ppo.group.group_size=4", "ppo.batch_size=2", *lora)
+    plan = make_plan(config, parse_target("local"))
+    model = plan_model_config(config)
+    weights = _hand_param_bytes(model, 8)
+    assert [p.name for p in plan.programs] == ["group_update", "reference_logprobs", "pm_scores", "rollout_sampler"]
+    update = plan.programs[0]
+    trained = _hand_adapter_bytes(model, 2, 8) if lora else weights
+    # The update's arguments are the policy alone: its weights (with LoRA the frozen base and the adapters)
+    # and AdamW's two moments of what it trains; no value model anywhere.
+    assert update.param_bytes == (weights + trained if lora else weights)
+    assert update.opt_state_bytes == 2 * trained + OPTIMIZER_COUNTERS
+    # Resident meanwhile: the frozen reference policy and preference model, nothing else.
+    assert update.resident_bytes == weights + _hand_pm_bytes(model, 8)
+    assert plan.fits
+
+
+@pytest.mark.plan
+@pytest.mark.parametrize("lora", [(), ("model.lora.rank=2",)], ids=["full", "lora"])
+def test_dpo_plan_holds_the_policy_and_its_frozen_reference(eight_devices, lora):
+    from trainer.plan.abstract import plan_model_config
+    from trainer.plan.planner import make_plan
+    from trainer.plan.targets import parse_target
+
+    config = tiny_config("model.mesh.data=1", "model.mesh.fsdp=8", "run.stages=[dpo]", "dpo.batch_size=8", *lora)
+    plan = make_plan(config, parse_target("local"))
+    model = plan_model_config(config)
+    weights = _hand_param_bytes(model, 8)
+    trained = _hand_adapter_bytes(model, 2, 8) if lora else weights
+    update, heldout, reference = plan.programs
+    assert (update.name, heldout.name, reference.name) == ("dpo_update", "dpo_eval", "reference_logprobs")
+    assert update.param_bytes == (weights + trained if lora else weights)
+    assert update.opt_state_bytes == 2 * trained + OPTIMIZER_COUNTERS
+    assert update.resident_bytes == weights  # the frozen reference
+    # The reference's log-probs are computed with the policy's train state resident.
+    assert reference.param_bytes == weights and reference.resident_bytes == update.param_bytes + \
+        update.opt_state_bytes + 4 + 8 + 4  # step, rng key, non-finite streak
+    assert plan.fits
+
+
+def test_the_lora_alternative_counts_rank_8_adapters_by_hand(eight_devices):
+    """What the advice's LoRA figures come from: the run's programs rebuilt with adapters, nothing compiled."""
+    from trainer.plan.abstract import plan_mesh_rules, plan_model_config
+    from trainer.plan.planner import LORA_RANK, lora_alternative
+
+    config = tiny_config("model.mesh.data=1", "model.mesh.fsdp=8", "run.stages=[ppo]", "ppo.algorithm=grpo",
+                         "ppo.group.group_size=4", "ppo.batch_size=2")
+    model = plan_model_config(config)
+    alternative = lora_alternative(config, model, plan_mesh_rules(config, eight_devices, "local", local=True))
+    weights, adapters = _hand_param_bytes(model, 8), _hand_adapter_bytes(model, LORA_RANK, 8)
+    assert alternative["group_update"] == (weights + adapters, 2 * adapters + OPTIMIZER_COUNTERS)
+    assert alternative["reference_logprobs"] == (weights, 0)  # frozen: LoRA changes nothing
+
+
+def test_the_advice_names_the_lora_override_with_its_figures():
+    """No compile: a plan whose PPO update is over budget, and the same programs' states counted with LoRA."""
+    from trainer.plan.advice import refusal
+    from trainer.plan.planner import Plan, ProgramPlan
+
+    gib = 1 << 30
+    update = ProgramPlan(name="ppo_update", stage="ppo", shape="batch 64 × 512 tokens", param_bytes=4 * gib,
+                         opt_state_bytes=8 * gib, argument_bytes=12 * gib, output_bytes=0, temp_bytes=3 * gib,
+                         peak_bytes=15 * gib, resident_bytes=2 * gib, total_bytes=17 * gib, flops=1e12,
+                         est_seconds=0.1, compile_seconds=1.0, compile_cpu_seconds=1.0, fits=False)
+    plan = Plan(target="tpu:v5e:4x4", device="TPU v5e", devices=16, mesh={"data": 1, "fsdp": 16, "tensor": 1},
+                model={"source": "x", "parameters": 1, "dtype": "bfloat16", "param_dtype": "float32", "remat": True,
+                       "layers": 16, "lora": None},
+                capacity_bytes=16 * gib, margin=0.1, programs=(update,),
+                lora_alternative={"ppo_update": (4 * gib + gib // 4, gib // 2)})
+    paragraph = refusal(plan)
+    # 17 − 4 − 8 + 4.25 + 0.5 = 9.75 GiB
+    assert ("model.lora.rank=8 (LoRA adapters on q/k/v/o over a frozen base: optimizer state 8.00 GiB → 0.50 GiB, "
+            "about 9.75 GiB per device") in paragraph
+    already = dataclasses.replace(plan, model={**plan.model, "lora": {"rank": 8}}, lora_alternative={})
+    assert "model.lora" not in refusal(already)

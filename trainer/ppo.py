@@ -265,6 +265,19 @@ def make_ppo_step(state: PPOState, config: PPOConfig, mesh_rules: MeshRules):
     )
 
 
+def make_frozen_fns(llama_graphdef, scalar_graphdef):
+    """The RL stage's jitted functions of its frozen models, `(params, tokens_BxT, attention_mask_BxT)`:
+    the reference policy's per-token log-probs [B, T] and the preference model's sequence scores [B].
+    No explicit shardings: they run on the parameters' own placement."""
+    from flax import nnx
+
+    from trainer.steps import sequence_scores
+
+    reference = jax.jit(lambda p, t, m: token_logprobs_and_entropy(nnx.merge(llama_graphdef, p), t, m)[0])
+    scores = jax.jit(lambda p, t, m: sequence_scores(nnx.merge(scalar_graphdef, p), t, m))
+    return reference, scores
+
+
 def make_token_fn(state: TrainState, mesh_rules: MeshRules, kind: str):
     """Jitted `(train_state, tokens_BxT, attention_mask_BxT) -> [B, T]` aligned per-token arrays:
     kind 'logprobs' (policy or reference, a Llama) or 'values' (value model, a ScalarModel)."""

@@ -53,14 +53,12 @@ class PPOLearner(StageLearner):
     def _frozen_models(self) -> tuple[nnx.State, nnx.State]:
         """The frozen reference (the policy entering the stage) and preference model, with their jitted
         per-token log-probs and sequence scores; returns (reference, reward model) parameters."""
-        from trainer.steps import sequence_scores, token_logprobs_and_entropy
+        from trainer.ppo import make_frozen_fns
 
         ctx = self.ctx
         self._reference, self._reward_model = ctx.policy_params(), ctx.reward_model_params()
-        llama_graph, scalar_graph = ctx.graphdef(ctx.llama_factory()), ctx.graphdef(ctx.scalar_factory())
-        self._reference_logprobs = jax.jit(
-            lambda p, t, m: token_logprobs_and_entropy(nnx.merge(llama_graph, p), t, m)[0])
-        self._scores = jax.jit(lambda p, t, m: sequence_scores(nnx.merge(scalar_graph, p), t, m))
+        self._reference_logprobs, self._scores = make_frozen_fns(ctx.graphdef(ctx.llama_factory()),
+                                                                 ctx.graphdef(ctx.scalar_factory()))
         return self._reference, self._reward_model
 
     def step(self) -> int:

@@ -88,6 +88,7 @@ class AbstractStates:
     """What the learner holds, by role: train states (params + optimizer) and frozen parameter states."""
 
     policy_sl: object  # TrainState: the policy during SL fine-tuning (sl.optimizer)
+    policy_dpo: object  # TrainState: the policy during DPO (dpo.optimizer)
     pm: object  # TrainState: the preference model during its training (rm.optimizer)
     policy: object  # TrainState: the PPO policy (ppo.policy_optimizer)
     value: object  # TrainState: the PPO value model (ppo.value_optimizer)
@@ -116,6 +117,7 @@ def abstract_states(config, model_config: ModelConfig, mesh_rules: MeshRules) ->
     scalar_graphdef, pm_frozen = abstract_params(lambda: scalar(nnx.Rngs(0)), mesh_rules)
     return AbstractStates(
         policy_sl=abstract_train_state(llama, config.sl.optimizer, mesh_rules, seed, spec),
+        policy_dpo=abstract_train_state(llama, config.dpo.optimizer, mesh_rules, seed, spec),
         pm=abstract_train_state(scalar, config.rm.optimizer, mesh_rules, seed, spec),
         policy=abstract_train_state(llama, config.ppo.policy_optimizer, mesh_rules, seed, spec),
         value=abstract_train_state(scalar, config.ppo.value_optimizer, mesh_rules, seed + 1, spec),

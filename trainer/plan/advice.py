@@ -5,14 +5,16 @@ Each suggestion is a config override with the figure it should bring the program
   remat         temporaries of a training step shrink to about 1/L (one block's activations kept)
   micro-batch   temporaries of a training step shrink by the accumulation factor
   bigger slice  devices × need / budget, rounded up to a power of two
-  LoRA          (not built yet) optimizer state only for the adapters
+  LoRA          parameters and optimizer state as they are with adapters of rank LORA_RANK on a frozen base
+                (the planner's `lora_alternative`, counted from abstract states); temporaries as measured
 """
 
 from __future__ import annotations
 
 import math
 
-from trainer.plan.planner import Plan, ProgramPlan
+from models.lora import DEFAULT_TARGETS
+from trainer.plan.planner import LORA_RANK, Plan, ProgramPlan
 
 GIB = 1 << 30
 _OPTIMIZER_KEYS = {"sl": ("sl.optimizer",), "rm": ("rm.optimizer",), "dpo": ("dpo.optimizer",),
@@ -39,6 +41,21 @@ def _fsdp_advice(plan: Plan, worst: ProgramPlan) -> str | None:
     if mesh["fsdp"] < room:
         return f"model.mesh.fsdp={room} model.mesh.data=-1 (every device splits the states; not enough alone)"
     return None
+
+
+def _lora_advice(plan: Plan, worst: ProgramPlan) -> str | None:
+    """model.lora.rank=…, with the worst program's optimizer state and total as they would be (a run
+    already on LoRA, or a program that holds no optimizer state, gets no such tip)."""
+    if worst.name not in plan.lora_alternative:
+        return None
+    params, opt = plan.lora_alternative[worst.name]
+    if opt >= worst.opt_state_bytes:
+        return None
+    need = worst.total_bytes - worst.param_bytes - worst.opt_state_bytes + params + opt
+    targets = "/".join(t.removesuffix("_proj") for t in DEFAULT_TARGETS)
+    return (f"model.lora.rank={LORA_RANK} (LoRA adapters on {targets} over a frozen base: optimizer state "
+            f"{gib(worst.opt_state_bytes)} → {gib(opt)}, about {gib(need)} per device with the temporaries measured "
+            f"without LoRA; plan again with it to measure them)")
 
 
 def advise(plan: Plan) -> list[str]:
@@ -69,7 +86,9 @@ def advise(plan: Plan) -> list[str]:
     if devices > plan.devices:
         tips.append(f"a bigger slice: about {devices} devices hold {gib(worst.total_bytes * plan.devices / devices)} "
                     f"each at this mesh's proportions")
-    tips.append("LoRA adapters (not built yet in cairl) would keep optimizer state for the adapters only")
+    lora = _lora_advice(plan, worst)
+    if lora:
+        tips.append(lora)
     return tips
 
 

@@ -9,6 +9,10 @@ devices during that program without passing them in (e.g. the frozen reference a
 model during the PPO update). A TPU compile that exceeds HBM fails with RESOURCE_EXHAUSTED; the
 figures of its message are kept. GPU compiles never refuse, so every target is checked the same
 way: total ≤ capacity × (1 − margin).
+
+A run that does not fit and trains without LoRA is also described as if it did (`lora_alternative`:
+adapters of rank LORA_RANK on models/lora.py's default targets, from abstract states, nothing
+compiled), so that the advice can say what `model.lora.rank=…` saves.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from trainer.plan.programs import Program, run_programs
 from trainer.plan.targets import Target
 
 DEFAULT_MARGIN = 0.1  # keep 10% of device memory free: allocator fragmentation, runtime buffers
+LORA_RANK = 8  # the rank the advice proposes (models.lora.LoraConfig's default, on its default targets)
 _HBM_EXCEEDED = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -60,6 +65,9 @@ class Plan:
     capacity_bytes: int | None
     margin: float
     programs: tuple[ProgramPlan, ...]
+    # Per program name: (parameter, optimizer-state) bytes per device with LoRA adapters of rank LORA_RANK;
+    # empty unless the run trains without LoRA and does not fit. For the advice; not in plan.json.
+    lora_alternative: dict = dataclasses.field(default_factory=dict)
 
     @property
     def budget_bytes(self) -> int | None:
@@ -118,6 +126,16 @@ def compile_program(program: Program, target: Target, devices: int, budget: int 
                        compile_cpu_seconds=round(cpu_seconds, 2), fits=fits, compiler_error=error)
 
 
+def lora_alternative(config, model, rules, only: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Per program: (parameter, optimizer-state) bytes per device were the run's trained models LoRA
+    adapters of rank LORA_RANK on a frozen base: the same programs built from abstract states, not compiled."""
+    from models.lora import LoraConfig
+
+    adapted = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=LoraConfig(rank=LORA_RANK)))
+    programs = run_programs(adapted, model, abstract_states(adapted, model, rules), rules, only)
+    return {p.name: (per_device_bytes(p.params), per_device_bytes(p.opt_state)) for p in programs}
+
+
 def make_plan(config, target: Target, margin: float = DEFAULT_MARGIN, only: tuple[str, ...] = (),
               progress=None) -> Plan:
     """Compile the run's programs for `target` (see the module docstring). `progress(name)` is told
@@ -134,10 +152,16 @@ def make_plan(config, target: Target, margin: float = DEFAULT_MARGIN, only: tupl
         if progress:
             progress(program.name)
         results.append(compile_program(program, target, len(devices), budget))
+    lora = config.model.lora
+    alternative = {}
+    if lora is None and not all(r.fits for r in results):
+        alternative = lora_alternative(config, model, rules, only)
     spec = target.spec
     return Plan(
         target=target.name, device=spec.name if spec else devices[0].device_kind, devices=len(devices),
         mesh=dict(rules.mesh.shape), capacity_bytes=capacity, margin=margin, programs=tuple(results),
         model={"source": config.model.source, "parameters": model.num_params(), "dtype": model.dtype,
-               "param_dtype": model.param_dtype, "remat": model.remat, "layers": model.num_layers},
+               "param_dtype": model.param_dtype, "remat": model.remat, "layers": model.num_layers,
+               "lora": None if lora is None else {"rank": lora.rank, "targets": list(lora.targets)}},
+        lora_alternative=alternative,
     )

@@ -10,7 +10,7 @@ Per stage (the learner holds one stage's models at a time):
                                                      PPO state (policy + value), frozen reference and PM
        with ppo.algorithm grpo / rloo: group_update, reference_logprobs, pm_scores, rollout_sampler
                                                      the policy alone, frozen reference and PM
-  dpo  dpo_update, reference_logprobs                policy train state, frozen reference
+  dpo  dpo_update, dpo_eval, reference_logprobs      policy train state, frozen reference
 The label stage runs in rollout workers and holds nothing on the learner. The rollout sampler is
 planned colocated on the learner's mesh (how one accelerator host runs it), so it shares the
 device with every PPO model.
@@ -24,7 +24,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from models.config import ModelConfig
 from models.sharding import MeshRules
@@ -107,19 +106,24 @@ def rm_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshR
 
 
 def dpo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
-    from models.llama import Llama
-    from trainer.dpo import DPO_BATCH_KEYS, make_dpo_step, make_sequence_logprob_fn
-    from trainer.state import abstract_train_state
+    """As trainer/learners/dpo.py compiles them: the update, the held-out evaluation (its batches carry
+    `valid_B`) and the frozen reference's sequence log-probs (computed once per pair, the state resident)."""
+    from trainer.dpo import DPO_BATCH_KEYS, make_dpo_eval, make_dpo_step, make_sequence_logprob_fn
 
     b, t = config.dpo.batch_size, config.dpo.max_seq_len
     check_accumulation(rules, b, config.dpo.optimizer.grad_accum_steps, "dpo.batch_size")
-    state = abstract_train_state(lambda rngs: Llama(model, rngs, rules), config.dpo.optimizer, rules, config.run.seed)
-    batch = _batch(rules, {k: ((b,), jnp.float32) if k.endswith("_B") else ((b, t), jnp.int32) for k in DPO_BATCH_KEYS})
+    state = states.policy_dpo
+    shapes = {k: ((b,), jnp.float32) if k.endswith("_B") else ((b, t), jnp.int32) for k in DPO_BATCH_KEYS}
+    batch = _batch(rules, shapes)
+    heldout = _batch(rules, {**shapes, "valid_B": ((b,), jnp.float32)})
     rows = _batch(rules, {k: ((b, t), jnp.int32) for k in ("t", "a", "m")})
     ref = states.reference
+    pairs = f"{b} pairs × {t} tokens"
     return [
-        Program("dpo_update", "dpo", f"{b} pairs × {t} tokens", make_dpo_step(state, config.dpo, rules), (state, batch),
-                state.params, state.opt_state, (ref,), estimate.train_flops(model, 2 * b, t, lm_head=True)),
+        Program("dpo_update", "dpo", pairs, make_dpo_step(state, config.dpo, rules), (state, batch),
+                _weights(state), state.opt_state, (ref,), estimate.train_flops(model, 2 * b, t, lm_head=True)),
+        Program("dpo_eval", "dpo", pairs, make_dpo_eval(state, config.dpo, rules), (state, heldout),
+                _weights(state), state.opt_state, (ref,), estimate.forward_flops(model, 2 * b, t, lm_head=True)),
         Program("reference_logprobs", "dpo", f"batch {b} × {t} tokens",
                 make_sequence_logprob_fn(states.llama_graphdef, rules), (ref, rows["t"], rows["a"], rows["m"]), ref,
                 None, (state,), estimate.forward_flops(model, b, t, lm_head=True)),
@@ -129,7 +133,7 @@ def dpo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
 def group_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     """The RL stage with ppo.algorithm grpo / rloo: no value model; batch_size prompts × group_size rows."""
     from trainer.grpo import GROUP_BATCH_KEYS, GroupState, make_group_step
-    from trainer.steps import sequence_scores, token_logprobs_and_entropy
+    from trainer.ppo import make_frozen_fns
 
     group = config.ppo.group
     b, t = config.ppo.batch_size * group.group_size, ppo_sequence_length(config)
@@ -139,12 +143,11 @@ def group_programs(config, model: ModelConfig, states: AbstractStates, rules: Me
                            ((b, t), jnp.float32 if "logprobs" in k else jnp.int32) for k in GROUP_BATCH_KEYS})
     tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
     ref, pm, policy = states.reference, states.pm_frozen, states.policy
-    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
-    pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
+    ref_fn, pm_fn = make_frozen_fns(states.llama_graphdef, states.scalar_graphdef)  # as the learner jits them
     shape = f"batch {b} × {t} tokens"
     step = make_group_step(state, config.ppo.algorithm, group, config.ppo.max_new_tokens, rules)
     return [
-        Program("group_update", "ppo", f"{shape}, {group.epochs} epoch(s)", step, (state, batch), policy.params,
+        Program("group_update", "ppo", f"{shape}, {group.epochs} epoch(s)", step, (state, batch), _weights(policy),
                 policy.opt_state, (ref, pm), group.epochs * estimate.train_flops(model, b, t, lm_head=True)),
         Program("reference_logprobs", "ppo", shape, ref_fn, (ref, tokens["t"], tokens["m"]), ref, None,
                 (state, pm), estimate.forward_flops(model, b, t, lm_head=True)),
@@ -157,7 +160,6 @@ def group_programs(config, model: ModelConfig, states: AbstractStates, rules: Me
 
 def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: MeshRules) -> list[Program]:
     from trainer import ppo
-    from trainer.steps import sequence_scores, token_logprobs_and_entropy
 
     if config.ppo.grouped:
         return group_programs(config, model, states, rules)
@@ -172,9 +174,7 @@ def ppo_programs(config, model: ModelConfig, states: AbstractStates, rules: Mesh
     batch = _batch(rules, {**shapes, "scores_B": ((b,), jnp.float32)})
     tokens = _batch(rules, {"t": ((b, t), jnp.int32), "m": ((b, t), jnp.int32)})
     ref, pm, policy, value = states.reference, states.pm_frozen, states.policy, states.value
-    # What the PPO learner compiles for the frozen reference (trainer/learners/ppo.py).
-    ref_fn = jax.jit(lambda p, tk, m: token_logprobs_and_entropy(nnx.merge(states.llama_graphdef, p), tk, m)[0])
-    pm_fn = jax.jit(lambda p, tk, m: sequence_scores(nnx.merge(states.scalar_graphdef, p), tk, m))
+    ref_fn, pm_fn = ppo.make_frozen_fns(states.llama_graphdef, states.scalar_graphdef)  # as the learner jits them
     epochs = config.ppo.update.epochs
     update_flops = epochs * (estimate.train_flops(model, b, t, lm_head=True)
                              + estimate.train_flops(model, b, t, lm_head=False))
