@@ -37,9 +37,15 @@ recipe: $(STAMP)
 	$(BIN)/cairl eval --model $(RECIPE_RUN):base --suites hhh,pm_human --preference-model $(RECIPE_RUN):rm \
 		--data-dir $(CAIRL_DATA) --max-examples hhh=48 --max-examples pm_human=48 --out $(RECIPE_RUN)/eval/feedback
 
+# The fast suite runs on two pytest workers (xdist): a test's time is mostly one-threaded XLA compiles, so
+# two at a time keep both cores busy. `make test XDIST=` runs them in this process, e.g. to debug one.
+# The slow suite stays one at a time: two Ray clusters starting beside each other on a loaded 2-core
+# machine missed Ray's 60 s node-startup deadline.
+XDIST ?= -n 2 --dist worksteal
+
 # The fast default suite: tiny models, 8 fake CPU devices.
 test: $(STAMP)
-	$(PYTEST) -m "not slow and not real_model and not ray and not multiprocess and not plan" -q
+	$(PYTEST) $(XDIST) -m "not slow and not real_model and not ray and not multiprocess and not plan" -q
 
 # Real model, Ray clusters, several JAX processes: CI runs these too.
 test-slow: $(STAMP)
@@ -54,7 +60,7 @@ PLAN_STAMP := $(PLAN_VENV)/.installed-stamp
 $(PLAN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(PLAN_VENV)
 	$(PLAN_VENV)/bin/pip install --quiet --upgrade pip
-	$(PLAN_VENV)/bin/pip install --quiet -e '.[plan]' pytest pytest-timeout
+	$(PLAN_VENV)/bin/pip install --quiet -e '.[plan]' pytest pytest-timeout pytest-xdist filelock
 	$(PLAN_VENV)/bin/pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
 	touch $(PLAN_STAMP)
 

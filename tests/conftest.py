@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX is imported anywhere, hence at the very top of 
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,24 +57,47 @@ def smollm2(embedded_model_dir):
     return load("smollm2-135m-instruct", dtype="float32")
 
 
+@contextmanager
+def built_once(tmp_path_factory, worker_id: str, name: str):
+    """A directory for something the whole test run shares, and whether it is still to be built. Under pytest-xdist
+    each worker is a session of its own: the workers share one directory in the run's common temporary root, and
+    the first to arrive builds it while the others wait (a failed build is retried by the next)."""
+    if worker_id == "master":  # no xdist: this session is the run
+        yield tmp_path_factory.mktemp(name), True
+        return
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{root}.lock"):
+        built = root / ".built"
+        root.mkdir(exist_ok=True)
+        yield root, not built.exists()
+        built.touch()
+
+
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """The pipeline tests' tiny model directory (tests/pipeline_fixtures.py), written once per session."""
+def tiny_model(tmp_path_factory, worker_id):
+    """The pipeline tests' tiny model directory (tests/pipeline_fixtures.py), written once per test run."""
     from pipeline_fixtures import write_tiny_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+    with built_once(tmp_path_factory, worker_id, "model") as (root, build):
+        if build:
+            write_tiny_model(root / "tiny")
+    return root / "tiny"
 
 
 @pytest.fixture(scope="session")
-def reference_run(tiny_model, tmp_path_factory):
+def reference_run(tiny_model, tmp_path_factory, worker_id):
     """One whole, uninterrupted, evaluated `cairl train` of configs/tiny.yaml (pipeline_fixtures.REFERENCE), run
-    once per session: test_pipeline.py checks what it leaves, test_run_faults.py compares interrupted-and-resumed
+    once per test run: test_pipeline.py checks what it leaves, test_run_faults.py compares interrupted-and-resumed
     runs and a second run of the same seed with it. Read it, never write into it (copy it first)."""
     from pipeline_fixtures import REFERENCE, run_train
 
-    runs = tmp_path_factory.mktemp("reference")
-    proc = run_train(tiny_model, runs, *REFERENCE)
-    return FinishedRun(runs / "tiny", proc.stderr)
+    with built_once(tmp_path_factory, worker_id, "reference") as (runs, build):
+        if build:
+            proc = run_train(tiny_model, runs, *REFERENCE)
+            (runs / "driver.stderr").write_text(proc.stderr)
+    return FinishedRun(runs / "tiny", (runs / "driver.stderr").read_text())
 
 
 @dataclass(frozen=True)

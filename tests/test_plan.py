@@ -362,3 +362,25 @@ def test_the_advice_names_the_lora_override_with_its_figures():
             "about 9.75 GiB per device") in paragraph
     already = dataclasses.replace(plan, model={**plan.model, "lora": {"rank": 8}}, lora_alternative={})
     assert "model.lora" not in refusal(already)
+
+
+def test_a_sampler_over_budget_on_an_fsdp_only_mesh_is_advised_tensor_parallelism():
+    """No compile: the 8B GRPO sampler of docs/planning.md on v5e-16 (all figures as `cairl plan` measured them)."""
+    from trainer.plan.advice import refusal
+    from trainer.plan.planner import Plan, ProgramPlan
+
+    gib = 1 << 30
+    sampler = ProgramPlan(name="rollout_sampler", stage="ppo", shape="batch 64, prompt 256 + 256 new tokens",
+                          param_bytes=int(1.87 * gib), opt_state_bytes=0, argument_bytes=int(1.87 * gib),
+                          output_bytes=0, temp_bytes=int(13.10 * gib), peak_bytes=int(14.97 * gib),
+                          resident_bytes=int(9.35 * gib), total_bytes=int(24.31 * gib), flops=3e13, est_seconds=0.64,
+                          compile_seconds=1.0, compile_cpu_seconds=1.0, fits=False)
+    plan = Plan(target="tpu:v5e:4x4", device="TPU v5e", devices=16, mesh={"data": 1, "fsdp": 16, "tensor": 1},
+                model={"source": "llama-3-8b", "parameters": 8_030_261_248, "dtype": "bfloat16",
+                       "param_dtype": "float32", "remat": True, "layers": 32, "lora": None},
+                capacity_bytes=16 * gib, margin=0.1, programs=(sampler,))
+    paragraph = refusal(plan)
+    assert "model.mesh.tensor=4 model.mesh.fsdp=4 (the decode loop keeps every layer's weights gathered" in paragraph
+    assert "rollout.batch_size or ppo.max_new_tokens smaller" in paragraph
+    split = dataclasses.replace(plan, mesh={"data": 1, "fsdp": 4, "tensor": 4})
+    assert "model.mesh.tensor=" not in refusal(split)  # already split by tensor parallelism

@@ -273,11 +273,13 @@ def test_a_full_disk_while_checkpointing_stops_clearly_and_the_run_resumes(tiny_
     _metric_rows(run_dir)  # one row per (stage, step)
 
 
-def _learner_pids() -> list[int]:
+def _learner_pids(session: int) -> list[int]:
+    """The Ray learner actors in a driver's session (`start_new_session`): other tests' runs may be going too."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Learner"):
+            if (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Learner")
+                    and os.getsid(int(proc.name)) == session):
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -286,10 +288,9 @@ def _learner_pids() -> list[int]:
 
 def test_learner_death_stops_the_run_with_a_clear_error_and_ray_shut_down(tiny_model, tmp_path):
     run_dir = tmp_path / "tiny"
-    before = set(_learner_pids())
     run = Run(tiny_model, tmp_path, NO_EVAL)
-    run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1 and set(_learner_pids()) - before)
-    for pid in set(_learner_pids()) - before:
+    run.wait_for(lambda: len(_metric_steps(run_dir, "sl")) >= 1 and _learner_pids(run.proc.pid))
+    for pid in _learner_pids(run.proc.pid):
         os.kill(pid, signal.SIGKILL)  # out of memory, as the kernel does it
     assert run.finish() == 2, run.output()[-4000:]
     assert "the learner actor died" in run.output() and "Traceback" not in run.output()

@@ -14,13 +14,6 @@ from models.safetensors_io import SafetensorsError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from pipeline_fixtures import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
 def test_run_name_dot_dot_fails_before_anything_is_written(tmp_path):
     from test_config import _assert_clean_failure, _run_cli
 
