@@ -31,11 +31,16 @@ def _env(**extra) -> dict:
             "PYTHON": sys.executable, "CAIRL": f"{sys.executable} -m trainer.cli", **extra}
 
 
+def multihost_command(tiny_model, runs: Path, *overrides, hosts=2) -> list[str]:
+    """launch/local_multihost.sh with 4 fake devices per host, training configs/tiny.yaml on the tiny model."""
+    return ["bash", str(ROOT / "launch" / "local_multihost.sh"), "--hosts", str(hosts), "--devices-per-host", "4",
+            "--", "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.source={tiny_model}",
+            f"run.runs_dir={runs}", *overrides]
+
+
 def multihost(tiny_model, runs: Path, *overrides, hosts=2, timeout=1500) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(ROOT / "launch" / "local_multihost.sh"), "--hosts", str(hosts), "--devices-per-host", "4", "--",
-         "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.source={tiny_model}", f"run.runs_dir={runs}",
-         *overrides], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(multihost_command(tiny_model, runs, *overrides, hosts=hosts), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def one_host(tiny_model, runs: Path, *overrides) -> subprocess.CompletedProcess:
@@ -97,10 +102,8 @@ def test_two_hosts_killed_mid_ppo_resume_and_equal_one_host_with_eight_devices(t
 
     run_dir = tmp_path / "tiny"
     log = (tmp_path / "driver.log").open("w")
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "launch" / "local_multihost.sh"), "--hosts", "2", "--devices-per-host", "4", "--",
-         "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.source={tiny_model}", f"run.runs_dir={tmp_path}",
-         *SAME_RUN], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(multihost_command(tiny_model, tmp_path, *SAME_RUN), cwd=ROOT, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
         while not [r for r in read_records(run_dir / "metrics.jsonl") if r.get("stage") == "ppo"]:
