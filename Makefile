@@ -37,11 +37,13 @@ recipe: $(STAMP)
 	$(BIN)/cairl eval --model $(RECIPE_RUN):base --suites hhh,pm_human --preference-model $(RECIPE_RUN):rm \
 		--data-dir $(CAIRL_DATA) --max-examples hhh=48 --max-examples pm_human=48 --out $(RECIPE_RUN)/eval/feedback
 
-# The fast suite runs on two pytest workers (xdist): a test's time is mostly one-threaded XLA compiles, so
-# two at a time keep both cores busy. `make test XDIST=` runs them in this process, e.g. to debug one.
-# The slow suite stays one at a time: two Ray clusters starting beside each other on a loaded 2-core
-# machine missed Ray's 60 s node-startup deadline.
+# The suites run on two pytest workers (xdist): a test's time is mostly one-threaded XLA compiles and process
+# start-up, so two at a time keep both cores busy. `make test XDIST=` runs them in this process, e.g. to debug one.
+# In the slow suite the tests that start Ray clusters or several JAX processes share one worker, one at a time
+# (tests/conftest.py): two Ray heads starting beside each other on a loaded 2-core machine missed Ray's
+# start-up deadline.
 XDIST ?= -n 2 --dist worksteal
+XDIST_SLOW ?= -n 2 --dist loadgroup
 
 # The fast default suite: tiny models, 8 fake CPU devices.
 test: $(STAMP)
@@ -49,7 +51,7 @@ test: $(STAMP)
 
 # Real model, Ray clusters, several JAX processes: CI runs these too.
 test-slow: $(STAMP)
-	$(PYTEST) -m "slow or real_model or ray or multiprocess" -q
+	$(PYTEST) $(XDIST_SLOW) -m "slow or real_model or ray or multiprocess" -q --durations=20
 
 # `cairl plan` for targets that are not here, in a venv of its own (.venv-plan) so that the other
 # suites keep XLA:CPU's own settings: libtpu (the [plan] extra) and the CUDA plugin without its CUDA
