@@ -208,3 +208,17 @@ def test_evaluation_in_train_judges_on_the_workers_with_the_base_model():
     assert info == JudgeInfo(config.model.source, "choice", self_judged=True)
     unjudged = SimpleNamespace(**{**vars(ctx), "config": load_run_config(None, ["eval.suites=[overrefusal]"])})
     assert _judge(unjudged, models, "sl") == (None, None)
+
+
+def test_a_raylet_that_missed_rays_startup_deadline_is_explained_in_one_paragraph():
+    from models.errors import UserError
+    from trainer.pipeline import ray_start_error
+
+    # The message Ray 2.60's node start-up raises (ray/_private/node.py) when the raylet does not register in 30 s.
+    timeout = Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+    explained = ray_start_error(timeout, "/tmp/cairl-ray-x")
+    assert isinstance(explained, UserError)  # the CLI prints it and exits 2, no traceback
+    assert "did not register within Ray's fixed 30 s" in str(explained) and "timed out during startup" in str(explained)
+    assert "/tmp/cairl-ray-x/session_latest/logs" in str(explained) and "--resume" in str(explained)
+    assert ray_start_error(ValueError("num_cpus must be positive"), "/tmp/x") is None  # anything else is raised as is

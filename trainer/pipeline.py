@@ -194,12 +194,34 @@ def start_ray(config: RunConfig):
         ray.init(address=config.ray.address, log_to_driver=True)
         return ray
     temp_dir = config.ray.temp_dir or tempfile.mkdtemp(prefix="cairl-ray-", dir="/tmp")
-    ray.init(address=None, _node_ip_address=config.ray.host, include_dashboard=config.ray.dashboard,
-             _temp_dir=temp_dir, num_cpus=config.ray.num_cpus, log_to_driver=True,
-             # XLA's many threads each get a glibc malloc arena by default; freed arrays then stay in the
-             # process (RSS grew past 12 GB in PPO). Two arenas keep the learner near its live size.
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}})
+    try:
+        ray.init(address=None, _node_ip_address=config.ray.host, include_dashboard=config.ray.dashboard,
+                 _temp_dir=temp_dir, num_cpus=config.ray.num_cpus, log_to_driver=True,
+                 # XLA's many threads each get a glibc malloc arena by default; freed arrays then stay in the
+                 # process (RSS grew past 12 GB in PPO). Two arenas keep the learner near its live size.
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}})
+    except Exception as err:  # Ray raises a bare Exception for a raylet that did not register
+        explained = ray_start_error(err, temp_dir)
+        if explained is None:
+            raise
+        raise explained from err
     return ray
+
+
+class RayStartError(UserError, RuntimeError):
+    """The local Ray cluster did not come up: said in one paragraph, not a traceback."""
+
+
+def ray_start_error(err: Exception, temp_dir: str) -> RayStartError | None:
+    """What `cairl train` stops with when ray.init of its local cluster raised `err`: a RayStartError when the
+    raylet missed Ray's start-up deadline (a busy machine, not a fault of the run), else None (raise `err`).
+    Not retried here: the half-started node's processes belong to no Ray handle this process could stop."""
+    if "timed out during startup" not in str(err):
+        return None
+    return RayStartError(
+        f"the local Ray cluster did not start: its raylet did not register within Ray's fixed 30 s ({err}). "
+        f"This happens on a machine busy with other work; run the same command again (with --resume if the run "
+        f"directory exists) when it is quieter. Ray's logs: {temp_dir}/session_latest/logs (raylet.err, gcs_server.err)")
 
 
 @dataclasses.dataclass
