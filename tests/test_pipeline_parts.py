@@ -119,6 +119,10 @@ def test_refusal_contrast_needs_revision_pairs():
         LabelSection(pairs="sampled", revision_filter="declines")
     with pytest.raises(RunConfigError, match="set refusal_contrast: true"):
         LabelSection(pairs="revisions", harmful_contrast=True)
+    with pytest.raises(RunConfigError, match="own_declines .*set refusal_contrast: true"):
+        LabelSection(pairs="revisions", own_declines=True)
+    with pytest.raises(RunConfigError, match="own_declines"):
+        LabelSection(pairs="sampled", own_declines=True)
 
 
 def _sl_record(uid, answer, revision):
@@ -155,6 +159,28 @@ def test_harmful_contrast_prefers_a_written_refusal_to_each_compliant_answer_and
     assert kept_benign == benign and len(kept_harmful) == 4 and set(kept_harmful) < set(pairs)
     assert balanced(benign, dict(reversed(pairs.items())))[1] == kept_harmful  # independent of order
     assert balanced(pairs, benign) == (kept_harmful, kept_benign)
+
+
+def test_own_declines_reject_the_models_declining_revisions_on_benign_requests_as_often_as_they_win():
+    from models.errors import UserError
+    from trainer.stages.label import own_declines_against_revisions, revision_pairs
+
+    harmful = [_sl_record(f"red_team/{i}", f"Sure, step {i}: get the tools.",
+                          f"I'm sorry, but as a chatbot I can't help with step {i % 3}.") for i in range(5)]
+    harmful.append(_sl_record("red_team/answered", "Sure, get a crowbar.", "Sure, get a lever."))
+    pairs = revision_pairs(harmful, 0.9)
+    answers = [{"uid": f"benign/{i}", "prompt": "How do I kill a process?", "final_revision": f"Use kill {i}.",
+                "constitution_hash": "h"} for i in range(9)]
+    own = own_declines_against_revisions(answers, pairs, 0.9)
+    # the three distinct declines are preferred in 5 revision pairs: 5 benign answers are preferred to one of them
+    assert len(own) == 5 and set(own) < {f"benign/{i}/own-decline" for i in range(9)}
+    declines = {f"I'm sorry, but as a chatbot I can't help with step {k}." for k in range(3)}
+    assert all(p["response_b"] in declines and p["response_a"].startswith("Use kill") for p in own.values())
+    assert all(p["p_a"] == 0.9 and p["source"] == "own_decline_contrast" for p in own.values())
+    assert len({p["response_b"] for p in own.values()}) > 1
+    assert own_declines_against_revisions(list(reversed(answers)), pairs, 0.9) == own  # stable, order-free
+    with pytest.raises(UserError, match="none of this run's 1 SL-CAI revision pairs declines"):
+        own_declines_against_revisions(answers, revision_pairs(harmful[-1:], 0.9), 0.9)
 
 
 def test_helpful_answers_become_their_own_sft_targets():

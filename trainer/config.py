@@ -132,13 +132,18 @@ class LabelSection(FeedbackConfig):
     # as many such pairs as benign contrast pairs (both capped to the smaller count), so a written refusal
     # is as often preferred as rejected and only the request tells the preference model which applies.
     harmful_contrast: bool = False
+    # with refusal_contrast: also benign answers preferred to the model's own declines (SL-CAI revisions that
+    # declined a harmful request), as many as the revision pairs that prefer those declines. PPO samples the
+    # policy's way of declining, not the written refusals: without these pairs run 5's preference model
+    # rewarded it on benign requests too, and PPO raised over-refusal 13 points over SL (docs/recipe.md).
+    own_declines: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.5 < self.revision_p <= 1.0:
             raise RunConfigError(f"label.revision_p must be in (0.5, 1], got {self.revision_p}")
         revision_only = {"refusal_contrast": self.refusal_contrast, "harmful_contrast": self.harmful_contrast,
-                         "revision_filter": self.revision_filter != "all"}
+                         "own_declines": self.own_declines, "revision_filter": self.revision_filter != "all"}
         for key, set_ in revision_only.items():
             if set_ and self.pairs != "revisions":
                 raise RunConfigError(f"label.{key} shapes the pairs of label.pairs: revisions; with pairs: sampled "
@@ -146,6 +151,9 @@ class LabelSection(FeedbackConfig):
         if self.harmful_contrast and not self.refusal_contrast:
             raise RunConfigError("label.harmful_contrast mirrors label.refusal_contrast's pairs (a written refusal "
                                  "preferred on harmful requests, rejected on benign ones); set refusal_contrast: true")
+        if self.own_declines and not self.refusal_contrast:
+            raise RunConfigError("label.own_declines pairs the benign answers of label.refusal_contrast with the "
+                                 "model's own declines; set refusal_contrast: true")
 
 
 @dataclasses.dataclass(frozen=True)

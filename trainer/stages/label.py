@@ -93,16 +93,46 @@ def harmful_contrast_pairs(sl_records: list[dict], p_refusal: float) -> dict[str
     return pairs
 
 
+def own_decline_pairs(answer_records: list[dict], declines: list[str], p_answer: float) -> dict[str, dict]:
+    """uid -> label record preferring the model's own answer to a benign prompt to one of the model's own
+    declines (`declines`: SL-CAI revisions that declined a harmful request), chosen by a stable hash of the
+    uid. PPO samples the policy's own way of declining, which revision pairs show only ever preferred;
+    the written refusals of `refusal_contrast_pairs` do not look like it (run 5, docs/recipe.md)."""
+    pool = sorted(set(declines))
+    if not pool:
+        return {}
+    pairs = {}
+    for r in answer_records:
+        answer = r["final_revision"].strip()
+        if answer:
+            decline = pool[zlib.crc32(r["uid"].encode()) % len(pool)]
+            pairs[f"{r['uid']}/own-decline"] = _contrast_record(r, answer, decline, p_answer, "own_decline_contrast")
+    return pairs
+
+
+def stable_subset(pairs: dict[str, dict], size: int) -> dict[str, dict]:
+    """`size` of `pairs`: those whose uid hashes lowest (a choice that is stable across runs and independent
+    of file order), in their original order."""
+    chosen = set(sorted(pairs, key=lambda uid: (zlib.crc32(uid.encode()), uid))[:size])
+    return {uid: pairs[uid] for uid in pairs if uid in chosen}
+
+
 def balanced(first: dict[str, dict], second: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Both pair sets cut to the smaller one's size, keeping the pairs whose uid hashes lowest (a choice
-    that is stable across runs and independent of file order)."""
+    """Both pair sets cut to the smaller one's size (`stable_subset`)."""
     size = min(len(first), len(second))
+    return stable_subset(first, size), stable_subset(second, size)
 
-    def keep(pairs: dict[str, dict]) -> dict[str, dict]:
-        chosen = set(sorted(pairs, key=lambda uid: (zlib.crc32(uid.encode()), uid))[:size])
-        return {uid: pairs[uid] for uid in pairs if uid in chosen}
 
-    return keep(first), keep(second)
+def own_declines_against_revisions(answers: list[dict], pairs: dict[str, dict], p_answer: float) -> dict[str, dict]:
+    """label.own_declines: as many own-decline pairs (a decline rejected on a benign request) as there are
+    revision pairs whose revision declines (the same declines preferred on harmful requests)."""
+    declines = [p["response_a"] for p in pairs.values()
+                if p["source"] == "sl_revision" and is_refusal_or_redirect(p["response_a"])]
+    if not declines:
+        raise UserError(f"label.own_declines rejects the model's own declines on benign requests, but none of "
+                        f"this run's {sum(p['source'] == 'sl_revision' for p in pairs.values())} SL-CAI revision "
+                        "pairs declines (phrase classifier, trainer/eval/refusal.py); set label.own_declines: false")
+    return stable_subset(own_decline_pairs(answers, declines, p_answer), len(declines))
 
 
 def label_revisions(ctx) -> None:
@@ -124,6 +154,8 @@ def label_revisions(ctx) -> None:
         if cfg.harmful_contrast:
             benign, harmful = balanced(benign, harmful_contrast_pairs(sl_records, cfg.revision_p))
             pairs |= harmful
+        if cfg.own_declines:
+            pairs |= own_declines_against_revisions(answers, pairs, cfg.revision_p)
         pairs |= benign
     ledger = Ledger.open(ctx.run_dir / "samples" / "labels.jsonl", list(pairs))
     for uid in list(ledger.pending):
