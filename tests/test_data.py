@@ -91,7 +91,7 @@ def test_shipped_default_sets(tmp_path):
     sets = {name: load_prompt_set(f"default:{name}", tmp_path) for name in DEFAULT_SETS}
     assert {name: len(p) for name, p in sets.items()} == {
         "red_team_train": 48, "red_team_heldout": 12, "helpful_train": 48, "helpful_heldout": 12,
-        "benign_risky_train": 64,
+        "benign_risky_train": 120,
     }
     uids = [p.uid for prompts in sets.values() for p in prompts]
     texts = [p.text for prompts in sets.values() for p in prompts]
