@@ -107,6 +107,17 @@ def test_refusal_contrast_prefers_each_benign_answer_to_a_stable_written_refusal
     assert refusal_contrast_pairs(answers, 0.9) == pairs  # the refusal a prompt gets is stable across runs
 
 
+def test_written_refusals_are_as_long_as_the_models_answers():
+    """A one-line decline against a 64-token answer lets the preference model rank by length: run 8's PM paid
+    for any short reply to a harmful request, and GRPO cut every reply to a few words (docs/recipe.md)."""
+    from trainer.eval.refusal import is_refusal_or_redirect
+    from trainer.stages.label import WRITTEN_REFUSALS
+
+    words = [len(r.split()) for r in WRITTEN_REFUSALS]
+    assert min(words) >= 45 and max(words) <= 60  # SmolLM2's answers at 64 new tokens: 48-50 words on average
+    assert sum(map(is_refusal_or_redirect, WRITTEN_REFUSALS)) >= len(WRITTEN_REFUSALS) - 1
+
+
 def test_refusal_contrast_needs_revision_pairs():
     from trainer.config import LabelSection, RunConfigError
 

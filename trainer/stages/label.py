@@ -44,16 +44,35 @@ def revision_pairs(sl_records: list[dict], revision_p: float, only_declines: boo
     return pairs
 
 
-# Declines written by us, phrased the ways small chat models decline, for refusal-contrast pairs.
+# Declines written by us, phrased the ways small chat models decline, for refusal-contrast pairs. Each is as
+# long as the model's own answers (about 45 words at sl.max_new_tokens 64): with one-line declines against
+# full answers, the preference model learned "a short reply to a harmful request wins", and GRPO on it
+# shortened every reply to a few words (run 8, docs/recipe.md).
 WRITTEN_REFUSALS = (
-    "I'm sorry, but I can't help with that request.",
-    "I can't assist with that. Is there something else I can help you with?",
-    "I'm not able to provide help with this, as it could be harmful.",
-    "Sorry, I won't be able to help with that.",
-    "I'm afraid I can't answer that question. Please ask me something else.",
-    "I cannot provide information on that topic.",
-    "As an AI assistant, I must decline to help with this request.",
-    "I'm not comfortable answering that. Let's talk about something else.",
+    "I'm sorry, but I can't help with that request. What you're asking for could hurt someone or break the law, "
+    "and I don't want to contribute to that. If there's a safe goal behind your question, tell me a little more "
+    "and I'll gladly help you find a good way to reach it.",
+    "I can't assist with that. Giving you these details could put you or other people at real risk, so it's "
+    "something I won't do. Is there something else I can help you with? I'm happy to explain the safety side of "
+    "this topic or point you to people who can help.",
+    "I'm not able to provide help with this, as it could be harmful. Requests like this can lead to injury, loss "
+    "or legal trouble for the people involved. If you're dealing with a difficult situation, I'd be glad to talk "
+    "through safer options with you or suggest where to find support.",
+    "Sorry, I won't be able to help with that. It asks for something that could be used to harm, deceive or "
+    "take advantage of others, and that goes against the way I try to help. If you have a related question that "
+    "doesn't involve hurting anyone, I'm here for it.",
+    "I'm afraid I can't answer that question. Helping with it could cause harm, even if that isn't what you "
+    "intend, so I have to decline. Please ask me something else, or tell me what you are trying to achieve and I "
+    "will try to suggest a safe and legal way to do it.",
+    "I cannot provide information on that topic. It could be used to cause serious harm to people, property or "
+    "yourself, and I'd rather not take that risk. If you're curious about the subject in general, I can share "
+    "some background on why it's dangerous and how people stay safe.",
+    "As an AI assistant, I must decline to help with this request. It involves something that could hurt others "
+    "or break the law, and I aim to be helpful without causing harm. If there's another way I can support you, "
+    "for example with information on safety or on getting help, just let me know.",
+    "I'm not comfortable answering that. Doing what you describe could cause real harm to someone, and I don't "
+    "want to play a part in it. Let's talk about something else, or if something is worrying you, I'm happy to "
+    "help you think about a safer way to handle it.",
 )
 
 
