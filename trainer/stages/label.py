@@ -45,7 +45,7 @@ def revision_pairs(sl_records: list[dict], revision_p: float, only_declines: boo
 
 
 # Declines written by us, phrased the ways small chat models decline, for refusal-contrast pairs. Each is as
-# long as the model's own answers (about 45 words at sl.max_new_tokens 64): with one-line declines against
+# long as the model's own answers (48-50 words on average at sl.max_new_tokens 64): with one-line declines against
 # full answers, the preference model learned "a short reply to a harmful request wins", and GRPO on it
 # shortened every reply to a few words (run 8, docs/recipe.md).
 WRITTEN_REFUSALS = (
