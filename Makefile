@@ -31,7 +31,8 @@ RECIPE_EVAL := --suites harmless,overrefusal,helpful,bbq --data-dir $(CAIRL_DATA
 recipe: $(STAMP)
 	$(BIN)/cairl fetch-model smollm2-135m-instruct
 	$(BIN)/cairl train --config configs/smollm2-cai.yaml \
-		'data.prompts=[$(CAIRL_DATA)/red_team/red_team_prompts_sample3000.jsonl.gz,default:red_team_train,default:helpful_train,default:benign_risky_train]'
+		'data.prompts=[$(CAIRL_DATA)/red_team/red_team_prompts_sample3000.jsonl.gz,default:red_team_train,default:helpful_train,default:benign_risky_train]' \
+		'data.ppo_sets=[$(CAIRL_DATA)/red_team/red_team_prompts_sample3000.jsonl.gz,default:benign_risky_rl]'
 	$(BIN)/cairl eval --model $(RECIPE_RUN):sl --model $(RECIPE_RUN):rl --baseline $(RECIPE_RUN):base \
 		$(RECIPE_EVAL) --out $(RECIPE_RUN)/eval
 	$(BIN)/cairl eval --model $(RECIPE_RUN):base --suites hhh,pm_human --preference-model $(RECIPE_RUN):rm \

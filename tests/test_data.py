@@ -91,7 +91,7 @@ def test_shipped_default_sets(tmp_path):
     sets = {name: load_prompt_set(f"default:{name}", tmp_path) for name in DEFAULT_SETS}
     assert {name: len(p) for name, p in sets.items()} == {
         "red_team_train": 48, "red_team_heldout": 12, "helpful_train": 48, "helpful_heldout": 12,
-        "benign_risky_train": 120,
+        "benign_risky_train": 120, "benign_risky_rl": 48,
     }
     uids = [p.uid for prompts in sets.values() for p in prompts]
     texts = [p.text for prompts in sets.values() for p in prompts]
@@ -101,7 +101,8 @@ def test_shipped_default_sets(tmp_path):
     from trainer.eval.data import SHIPPED_PROMPTS
 
     evaluated = {p.text.lower() for path in SHIPPED_PROMPTS.values() for p in read_prompt_file(path)}
-    assert not evaluated & {p.text.lower() for name in ("red_team_train", "helpful_train", "benign_risky_train")
+    assert not evaluated & {p.text.lower() for name in ("red_team_train", "helpful_train", "benign_risky_train",
+                                                                   "benign_risky_rl")
                             for p in sets[name]}
     assert sets["red_team_train"] == load_prompt_set("default:red_team_train", tmp_path)
     with pytest.raises(PromptFileError, match="no shipped set 'nope'"):

@@ -71,6 +71,35 @@ def test_report_from_run_files(tmp_path):
     assert read_records(tmp_path / "metrics.jsonl")[-1]["ppo/kl"] == 0.02
 
 
+def test_ppo_sets_give_the_rl_stage_fresh_prompts_first(tmp_path):
+    from trainer.config import load_run_config
+    from trainer.pipeline import load_prompts
+
+    def prompt_file(name, texts):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        return str(path)
+
+    harmful = prompt_file("harmful", [f"harmful {i}" for i in range(8)])
+    benign = prompt_file("benign", [f"benign {i}" for i in range(4)])
+    fresh = prompt_file("fresh", ["fresh 0", "fresh 1"])
+    overrides = [f"data.prompts=[{harmful},{benign}]", "data.eval_prompts=[default:red_team_heldout]",
+                 "data.cycle_sets=true", "data.sl_prompts=6", "data.label_prompts=2", "data.ppo_prompts=6",
+                 f"data.data_dir={tmp_path / 'tfds'}"]
+    texts = lambda prompts: [p.text for p in prompts]  # noqa: E731
+
+    shared = load_prompts(load_run_config(None, overrides))
+    assert texts(shared["sl"]) == ["harmful 0", "benign 0", "harmful 1", "benign 1", "harmful 2", "benign 2"]
+    assert texts(shared["ppo"])[:2] == ["harmful 4", "benign 0"]  # the next slice: benign 0 was fine-tuned on
+    separate = load_prompts(load_run_config(None, overrides + [f"data.ppo_sets=[{harmful},{fresh}]"]))
+    assert texts(separate["sl"]) == texts(shared["sl"]) and texts(separate["label"]) == texts(shared["label"])
+    # SL-CAI and labelling used harmful 0-3: the RL stage gets the others first, its own set cycling beside them
+    assert texts(separate["ppo"]) == ["harmful 4", "fresh 0", "harmful 5", "fresh 1", "harmful 6", "fresh 0"]
+    reused = load_prompts(load_run_config(None, overrides + ["data.ppo_prompts=12", f"data.ppo_sets=[{harmful}]"]))
+    assert texts(reused["ppo"])[:6] == ["harmful 4", "harmful 5", "harmful 6", "harmful 7", "harmful 0", "harmful 1"]
+    assert len(separate["eval"]) == 8
+
+
 def test_interleave_can_cycle_the_shorter_sets():
     assert _interleave([[1, 2, 3, 4], ["a", "b"]], cycle=True) == [1, "a", 2, "b", 3, "a", 4, "b"]
     assert _interleave([[], [1]], cycle=True) == [1]

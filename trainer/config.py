@@ -83,6 +83,11 @@ class DataSection:
     # Shorter prompt sets repeat until the longest is used up, so every stage's slice keeps the mix
     # (48 helpful prompts beside 3,000 red-team ones would otherwise all land in the first slice).
     cycle_sets: bool = False
+    # Prompt sets the RL stage (PPO / GRPO) draws its data.ppo_prompts from instead of data.prompts, interleaved
+    # the same way; in each set the prompts SL-CAI and labelling did not use come first. Empty: the next slice of
+    # data.prompts. Fresh prompts matter for RL: on prompts fine-tuned on in SL-CAI the policy repeats its SFT
+    # answer, so their groups carry no signal (docs/recipe.md, run 10).
+    ppo_sets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.prompts or not self.eval_prompts:

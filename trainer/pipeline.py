@@ -266,15 +266,32 @@ def load_prompts(config: RunConfig, tokenizer=None) -> dict:
         return fit_prompts(prompts, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
 
     train, held = load(config.data.prompts, config.data.cycle_sets), load(config.data.eval_prompts)
-    train_uids = {p.uid for p in train}
-    held = [p for p in held if p.uid not in train_uids][: config.data.eval_count]
     counts = {"sl": config.data.sl_prompts, "label": config.data.label_prompts, "ppo": config.data.ppo_prompts}
     out, offset = {}, 0
     for name, n in counts.items():
-        out[name] = [train[(offset + i) % len(train)] for i in range(min(n, len(train)))]
+        out[name] = _wrapped_slice(train, offset, n)
         offset += n
-    out["eval"] = held
+    train_uids = {p.uid for p in train}
+    if config.data.ppo_sets:
+        used = {p.uid for name in ("sl", "label") for p in out[name]}
+        rl_sets = [_fresh_first(load_prompt_set(spec, data_dir), used) for spec in config.data.ppo_sets]
+        rl = _interleave(rl_sets, config.data.cycle_sets)
+        if tokenizer is not None:
+            rl = fit_prompts(rl, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
+        out["ppo"] = _wrapped_slice(rl, 0, config.data.ppo_prompts)
+        train_uids |= {p.uid for p in rl}
+    out["eval"] = [p for p in held if p.uid not in train_uids][: config.data.eval_count]
     return out
+
+
+def _wrapped_slice(items: list, offset: int, n: int) -> list:
+    """`n` items from `offset` on, wrapping round; never more than there are."""
+    return [items[(offset + i) % len(items)] for i in range(min(n, len(items)))]
+
+
+def _fresh_first(prompts: list, used_uids: set) -> list:
+    """The prompts whose uid is not in `used_uids`, then the others, each in their order."""
+    return [p for p in prompts if p.uid not in used_uids] + [p for p in prompts if p.uid in used_uids]
 
 
 def _create_actors(config: RunConfig, run_dir: Path, worker_cls):

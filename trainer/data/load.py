@@ -2,9 +2,10 @@
 
 Spec strings:
   default:red_team_train | default:red_team_heldout | default:helpful_train | default:helpful_heldout
-  default:benign_risky_train
+  default:benign_risky_train | default:benign_risky_rl
       the small sets shipped with cairl (written by us; benign_risky_train: benign requests worded like risky
-      ones, "How do I terminate a running loop in JavaScript?", disjoint from the overrefusal evaluation set)
+      ones, "How do I terminate a running loop in JavaScript?", disjoint from the overrefusal evaluation set;
+      benign_risky_rl: more of them, for the RL stage only (data.ppo_sets), disjoint from both)
   path/to/file.jsonl[.gz]                 a local {"prompt": ...} JSON-lines file
   hh-rlhf/harmless-base[:test]            hh-rlhf dialogues (prompt = up to the last Assistant turn)
   hh-rlhf/helpful-base[:test]
@@ -20,7 +21,8 @@ from pathlib import Path
 from trainer.data.records import Prompt, PromptFileError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SHIPPED_SETS = ("red_team_train", "red_team_heldout", "helpful_train", "helpful_heldout", "benign_risky_train")
+SHIPPED_SETS = ("red_team_train", "red_team_heldout", "helpful_train", "helpful_heldout", "benign_risky_train",
+                "benign_risky_rl")
 DEFAULT_SETS = {name: PACKAGE_DIR / f"{name}.jsonl" for name in SHIPPED_SETS}
 HH_SUBSETS = ("harmless-base", "helpful-base")
 
