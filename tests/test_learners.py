@@ -86,8 +86,15 @@ def test_stages_hand_weights_on_on_device_then_resume_restores_them(tiny_model, 
         assert a is not b
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rollouts = [Rollout((1, 2, 3), (4, 5), (-1.0, -2.0)), Rollout((3, 2), (6,), (-0.5,))]
+    # A reply cut at max_new_tokens is scored as the preference model was trained: ended with EOS.
+    eos = ppo.ctx.tokenizer.eos_id
+    cut, ended = learner.score([[1, 2, 3], [1, 2, 3]], [[4, 5], [4, 5, eos]])
+    assert cut == pytest.approx(ended, abs=1e-6)
+    assert learner.score([[1, 2, 3]], [[4]])[0] != pytest.approx(ended, abs=1e-6)  # the score does read the reply
     metrics = learner.train_step(rollouts)
     assert metrics["skipped"] == 0 and metrics["nonfinite_streak"] == 0 and len(metrics["scores"]) == 2
+    assert metrics["scores"] == pytest.approx(learner.score([r.prompt_ids for r in rollouts],
+                                                            [r.response_ids for r in rollouts]), abs=1e-6)
     assert all(not leaf.is_deleted() for leaf in _leaves(sl_policy))
     learner.save(1, {"iteration": 1}, force=True)
     trained = [np.asarray(x) for x in _leaves(ppo.state.policy.params)]

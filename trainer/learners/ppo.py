@@ -87,7 +87,8 @@ class PPOLearner(StageLearner):
         """Right-padded prompt+response rows of one fixed length (one compile), and the response mask.
         Prompts keep their last data.max_prompt_tokens tokens, as the rollout workers sampled them."""
         max_prompt = self.config.data.max_prompt_tokens
-        length = _round_up(max_prompt + max(self.config.ppo.max_new_tokens, self.config.ppo.eval_max_new_tokens))
+        # + 1: the EOS a reply cut at max_new_tokens is scored with (_scored_replies)
+        length = _round_up(max_prompt + max(self.config.ppo.max_new_tokens, self.config.ppo.eval_max_new_tokens) + 1)
         rows, response_masks, offsets = [], [], []
         for p, r in zip(prompt_ids, response_ids):
             p = list(p)[-max_prompt:]
@@ -101,9 +102,18 @@ class PPOLearner(StageLearner):
         return tokens, attention, response_mask, offsets
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-        """Preference-model score of each (prompt, response)."""
-        tokens, attention, _, _ = self._sequence_arrays(prompt_ids, response_ids)
+        """Preference-model score of each (prompt, response), the response ended as in _scored_replies."""
+        tokens, attention, _, _ = self._sequence_arrays(prompt_ids, self._scored_replies(response_ids))
         return [float(s) for s in self._host(self._scores, self._reward_model, tokens, attention)]
+
+    def _scored_replies(self, response_ids) -> list[list[int]]:
+        """Each reply as the preference model saw replies in training: ending with EOS. A reply cut at
+        ppo.max_new_tokens gets one appended, for scoring only (the policy's rows keep what was sampled).
+        Read at a mid-sentence token instead, the score is off the PM's training distribution: on cut replies
+        run 10's PM scored declining a benign request above answering it, on the same replies ended it scored
+        it far below (docs/recipe.md)."""
+        eos = self.ctx.tokenizer.eos_id
+        return [list(r) if len(r) and r[-1] == eos else list(r) + [eos] for r in response_ids]
 
     def _host(self, fn, params, tokens, attention):
         """`fn(params, tokens, attention)` per row on the mesh, the result back on every host. With several
@@ -132,7 +142,7 @@ class PPOLearner(StageLearner):
         for i, (r, off) in enumerate(zip(rollouts, offsets)):
             lp = np.asarray(r.logprobs, np.float32)[: tokens.shape[1] - off]
             old_logprobs[i, off: off + len(lp)] = lp
-        scores = self._host(self._scores, self._reward_model, tokens, attention)
+        scores = self.score([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
         ref = self._host(self._reference_logprobs, self._reference, tokens, attention)
         return {"tokens_BxT": tokens, "attention_mask_BxT": attention, "response_mask_BxT": response_mask,
                 "old_logprobs_BxT": old_logprobs, "ref_logprobs_BxT": np.asarray(ref, np.float32),
