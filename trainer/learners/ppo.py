@@ -83,12 +83,13 @@ class PPOLearner(StageLearner):
     def policy_params(self) -> nnx.State:
         return self.state.policy.full_params()
 
-    def _sequence_arrays(self, prompt_ids, response_ids):
+    def _sequence_arrays(self, prompt_ids, response_ids, ended: bool = False):
         """Right-padded prompt+response rows of one fixed length (one compile), and the response mask.
-        Prompts keep their last data.max_prompt_tokens tokens, as the rollout workers sampled them."""
+        Prompts keep their last data.max_prompt_tokens tokens, as the rollout workers sampled them. `ended`:
+        room for the EOS a reply cut at max_new_tokens is scored with (_scored_replies)."""
         max_prompt = self.config.data.max_prompt_tokens
-        # + 1: the EOS a reply cut at max_new_tokens is scored with (_scored_replies)
-        length = _round_up(max_prompt + max(self.config.ppo.max_new_tokens, self.config.ppo.eval_max_new_tokens) + 1)
+        length = _round_up(max_prompt + max(self.config.ppo.max_new_tokens, self.config.ppo.eval_max_new_tokens)
+                           + int(ended))
         rows, response_masks, offsets = [], [], []
         for p, r in zip(prompt_ids, response_ids):
             p = list(p)[-max_prompt:]
@@ -103,7 +104,7 @@ class PPOLearner(StageLearner):
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
         """Preference-model score of each (prompt, response), the response ended as in _scored_replies."""
-        tokens, attention, _, _ = self._sequence_arrays(prompt_ids, self._scored_replies(response_ids))
+        tokens, attention, _, _ = self._sequence_arrays(prompt_ids, self._scored_replies(response_ids), ended=True)
         return [float(s) for s in self._host(self._scores, self._reward_model, tokens, attention)]
 
     def _scored_replies(self, response_ids) -> list[list[int]]:
