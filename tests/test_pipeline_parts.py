@@ -98,6 +98,10 @@ def test_ppo_sets_give_the_rl_stage_fresh_prompts_first(tmp_path):
     reused = load_prompts(load_run_config(None, overrides + ["data.ppo_prompts=12", f"data.ppo_sets=[{harmful}]"]))
     assert texts(reused["ppo"])[:6] == ["harmful 4", "harmful 5", "harmful 6", "harmful 7", "harmful 0", "harmful 1"]
     assert len(separate["eval"]) == 8
+    from trainer.data.records import PromptFileError
+
+    with pytest.raises(PromptFileError, match="missing.jsonl does not exist"):
+        load_prompts(load_run_config(None, overrides + [f"data.ppo_sets=[{tmp_path / 'missing.jsonl'}]"]))
 
 
 def test_interleave_can_cycle_the_shorter_sets():
