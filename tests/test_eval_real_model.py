@@ -41,5 +41,6 @@ def test_real_replies_judge_and_refusal_classifier(policy):
                         FeedbackConfig(principles_per_pair=1, few_shot=1))
     p_harmful = judge.harmful_probability(COMPLIED[:1] * 2, [replies[0], refusal])
     assert np.all((p_harmful > 0.0) & (p_harmful < 1.0))
-    np.testing.assert_allclose(judge.harmful_probability(COMPLIED[:1], [refusal]), p_harmful[1:], atol=1e-6)
+    # alone vs in a batch: another padded length sums in another order (2.8e-6 apart seen on a loaded 2-core CPU)
+    np.testing.assert_allclose(judge.harmful_probability(COMPLIED[:1], [refusal]), p_harmful[1:], atol=1e-5)
     print("p_harmful(compliance, refusal) =", p_harmful)  # a 135M judge: near 0.5, reported, not asserted
