@@ -85,8 +85,7 @@ class DataSection:
     cycle_sets: bool = False
     # Prompt sets the RL stage (PPO / GRPO) draws its data.ppo_prompts from instead of data.prompts, interleaved
     # the same way; in each set the prompts SL-CAI and labelling did not use come first. Empty: the next slice of
-    # data.prompts. Fresh prompts matter for RL: on prompts fine-tuned on in SL-CAI the policy repeats its SFT
-    # answer, so their groups carry no signal (docs/recipe.md, run 10).
+    # data.prompts. Use it to train RL on requests SL-CAI never fine-tuned on (docs/recipe.md, runs 10-11).
     ppo_sets: tuple[str, ...] = ()
 
     def __post_init__(self):

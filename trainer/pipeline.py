@@ -259,8 +259,8 @@ def load_prompts(config: RunConfig, tokenizer=None) -> dict:
 
     data_dir = config.data.data_dir or str(cache_root() / "tfds")
 
-    def load(specs, cycle=False):
-        prompts = _interleave([load_prompt_set(spec, data_dir) for spec in specs], cycle)
+    def load(specs, cycle=False, used=frozenset()):
+        prompts = _interleave([_fresh_first(load_prompt_set(spec, data_dir), used) for spec in specs], cycle)
         if tokenizer is None:
             return prompts
         return fit_prompts(prompts, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
@@ -274,10 +274,7 @@ def load_prompts(config: RunConfig, tokenizer=None) -> dict:
     train_uids = {p.uid for p in train}
     if config.data.ppo_sets:
         used = {p.uid for name in ("sl", "label") for p in out[name]}
-        rl_sets = [_fresh_first(load_prompt_set(spec, data_dir), used) for spec in config.data.ppo_sets]
-        rl = _interleave(rl_sets, config.data.cycle_sets)
-        if tokenizer is not None:
-            rl = fit_prompts(rl, tokenizer, config.data.max_prompt_tokens, config.data.long_prompts)
+        rl = load(config.data.ppo_sets, config.data.cycle_sets, used)
         out["ppo"] = _wrapped_slice(rl, 0, config.data.ppo_prompts)
         train_uids |= {p.uid for p in rl}
     out["eval"] = [p for p in held if p.uid not in train_uids][: config.data.eval_count]
